@@ -1,0 +1,1 @@
+"""Datasets: training folders, evaluation benchmarks, mixed sampling, synthetic scenes."""
