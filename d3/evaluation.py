@@ -1,0 +1,561 @@
+"""The scoring loop behind ``evaluate.py``, shared by ``--predictions`` and ``--checkpoint``.
+
+Per sample: get the prediction (a file, or the one-step predictor in memory), check its shape and
+values, align / clip (depth), compute the metrics of :mod:`d3.metrics`; then average with equal
+weight per image and write ``per_sample.csv`` and ``summary.json``.
+
+Prediction files (``--predictions DIR``) are looked up, in this order, as
+  1. ours: ``DIR/<RGB path relative to the data root, extension replaced by .npy>``
+     (matting / segmentation also ``.png``);
+  2. the reference tool's naming: Marigold depth ``DIR/<rgb dir>/pred_<...>.npy`` (PROTOCOLS §1.0:
+     NYU ``rgb_0001.png -> pred_0001.npy``, the others ``X.ext -> pred_X.npy``); Marigold normals
+     ``DIR/<rgb dir>/<rgb stem>.npy`` (same as ours); P3M / segmentation flat
+     ``DIR/<image stem>.{npy,png}``.
+Depth: float HxW or 1xHxW at GT resolution (never resized). Normals: (H,W,3) or (3,H,W), camera frame
+x right, y up, z toward the camera. Alpha / masks: HxW ``.npy`` in [0, 1] or an 8/16-bit PNG
+(a 3-channel map is reduced by its channel mean).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from d3 import metrics as M
+from d3.data.benchmarks import (
+    BENCHMARKS, GROUPS, Benchmark, BenchmarkSample, DepthBenchmark, decode_png_unit,
+)
+
+PROTOCOL = "protocol"  # sentinel: the dataset's own alignment_max_res / Marigold processing resolution
+
+TASK_METRICS: Dict[str, Sequence[str]] = {
+    "depth": M.DEPTH_METRICS,
+    "normal": M.NORMAL_METRICS,
+    "matting": M.MATTING_METRICS + M.MATTING_TRIMAP_METRICS,
+    "segmentation": M.SEGMENTATION_METRICS,
+}
+
+
+class EvaluationError(RuntimeError):
+    """A problem with one sample's prediction; the message names the sample."""
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction files
+# ----------------------------------------------------------------------------------------------
+
+def marigold_pred_name(rgb_basename: str, name_mode: str) -> str:
+    """Marigold's ``get_pred_name`` with suffix .npy (``rgb_id`` for NYU, ``id`` elsewhere)."""
+    if name_mode == "rgb_id":
+        name = "pred_" + rgb_basename.split("_")[1]
+    elif name_mode == "id":
+        name = "pred_" + rgb_basename
+    else:
+        raise ValueError(f"unknown name mode {name_mode!r}")
+    return os.path.splitext(name)[0] + ".npy"
+
+
+def prediction_candidates(bench: Benchmark, rgb_rel: str) -> List[str]:
+    """Relative paths under the prediction folder, in lookup order (ours first)."""
+    p = PurePosixPath(rgb_rel)
+    stem = str(p.with_suffix(""))
+    exts = (".npy", ".png") if bench.task in ("matting", "segmentation") else (".npy",)
+    out = [stem + e for e in exts]
+    if isinstance(bench, DepthBenchmark):
+        out.append(str(p.parent / marigold_pred_name(p.name, bench.pred_name_mode)))
+    elif bench.task in ("matting", "segmentation"):
+        out += [p.stem + e for e in exts]
+    return list(dict.fromkeys(x[2:] if x.startswith("./") else x for x in out))
+
+
+def find_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str) -> Path:
+    cands = prediction_candidates(bench, rgb_rel)
+    for rel in cands:
+        if (pred_dir / rel).is_file():
+            return pred_dir / rel
+    raise EvaluationError(f"{bench.name} sample {rgb_rel}: prediction missing; looked for "
+                          + ", ".join(str(pred_dir / c) for c in cands))
+
+
+def read_prediction_file(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix.lower() == ".png":
+        return decode_png_unit(path.read_bytes())
+    raise EvaluationError(f"{path}: unsupported prediction format (expected .npy or .png)")
+
+
+def conform_prediction(arr: Any, task: str, shape_hw: Sequence[int], what: str) -> np.ndarray:
+    """Bring a raw prediction to the task's layout at the GT resolution, or raise naming ``what``.
+
+    depth HxW float32 | normals HxWx3 float32 | alpha / mask HxW float64. Nothing is resized."""
+    if isinstance(arr, torch.Tensor):
+        arr = arr.detach().float().cpu().numpy()
+    a = np.asarray(arr)
+    if a.dtype == bool:
+        a = a.astype(np.float32)
+    if not np.issubdtype(a.dtype, np.number):
+        raise EvaluationError(f"{what}: prediction has non-numeric dtype {a.dtype}")
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    shape = a.shape
+    if task == "normal":
+        if a.shape == (h, w, 3):
+            pass
+        elif a.shape == (3, h, w):
+            a = a.transpose(1, 2, 0)
+        elif a.shape == (1, 3, h, w):
+            a = a[0].transpose(1, 2, 0)
+        else:
+            raise EvaluationError(f"{what}: prediction has shape {shape}, expected ({h}, {w}, 3) or (3, {h}, {w})")
+        return np.ascontiguousarray(a, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    elif a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    elif a.ndim == 3 and a.shape[-1] == 3 and task != "depth":
+        a = a.astype(np.float64).mean(-1)
+    if a.shape != (h, w):
+        raise EvaluationError(f"{what}: prediction has shape {shape}, expected ({h}, {w}) "
+                              f"(predictions must be at GT resolution; they are never resized)")
+    return np.ascontiguousarray(a, dtype=np.float32 if task == "depth" else np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-task scoring
+# ----------------------------------------------------------------------------------------------
+
+class Scorer:
+    keys: Sequence[str] = ()
+    extra_columns: Sequence[str] = ()
+
+    def __init__(self, bench: Benchmark, device: torch.device) -> None:
+        self.bench, self.device = bench, device
+
+    def score(self, pred: np.ndarray, sample: BenchmarkSample) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def summarize(self, rows: List[Dict[str, float]]) -> Dict[str, float]:
+        return M.mean_over_samples(rows, self.keys)
+
+    def protocol(self) -> Dict[str, Any]:
+        return {"aggregation": "mean over images (equal weight)"}
+
+
+class DepthScorer(Scorer):
+    keys = M.DEPTH_METRICS
+    extra_columns = ("scale", "shift")
+
+    def __init__(self, bench: DepthBenchmark, device, alignment: Optional[str] = None,
+                 alignment_max_res: Any = PROTOCOL) -> None:
+        super().__init__(bench, device)
+        self.alignment = alignment or bench.alignment
+        if self.alignment not in M.ALIGNMENTS:
+            raise ValueError(f"unknown alignment {self.alignment!r}; expected one of {M.ALIGNMENTS}")
+        self.max_res = bench.alignment_max_res if alignment_max_res == PROTOCOL else (alignment_max_res or None)
+
+    def score(self, pred, sample):
+        p = torch.from_numpy(pred).to(self.device)
+        g = torch.from_numpy(sample.gt).to(self.device)
+        m = torch.from_numpy(sample.valid).to(self.device)
+        aligned, s, b = M.align_depth(p, g, m, self.alignment, self.max_res,
+                                      self.bench.min_depth, self.bench.max_depth)
+        row = {k: float(v) for k, v in M.depth_metrics(aligned, g, m).items()}
+        row.update(scale=s, shift=b)
+        return row
+
+    def protocol(self):
+        return {**super().protocol(), "alignment": self.alignment, "alignment_max_res": self.max_res,
+                "clip": [self.bench.min_depth, self.bench.max_depth]}
+
+
+class NormalScorer(Scorer):
+    keys = M.NORMAL_METRICS
+
+    def __init__(self, bench, device, pooling: str = "image") -> None:
+        super().__init__(bench, device)
+        if pooling not in ("image", "pixel"):
+            raise ValueError(f"unknown pooling {pooling!r}; expected 'image' or 'pixel'")
+        self.pooling = pooling
+        self._errors: List[np.ndarray] = []
+
+    def score(self, pred, sample):
+        e = M.angular_errors(torch.from_numpy(pred).to(self.device),
+                             torch.from_numpy(sample.gt).to(self.device),
+                             torch.from_numpy(sample.valid).to(self.device)).cpu().numpy()
+        if self.pooling == "pixel":
+            self._errors.append(e)
+        return M.normal_metrics_from_errors(e, decimals=4)
+
+    def summarize(self, rows):
+        if self.pooling == "image":
+            return super().summarize(rows)
+        return M.normal_metrics_from_errors(np.concatenate(self._errors), decimals=None)
+
+    def protocol(self):
+        agg = ("per image (values rounded to 4 decimals), mean over images (Marigold)" if self.pooling == "image"
+               else "all valid pixels of the dataset pooled (DSINE)")
+        return {"pooling": self.pooling, "aggregation": agg, "units": "degrees; thresholds in %"}
+
+
+class MattingScorer(Scorer):
+    keys = M.MATTING_METRICS + M.MATTING_TRIMAP_METRICS
+
+    def score(self, pred, sample):
+        return M.matting_metrics(pred, sample.gt, sample.trimap)
+
+    def protocol(self):
+        return {**super().protocol(), "units": "SAD and Conn /1000, Grad /10, MSE and MAD raw fractions"}
+
+
+class SegmentationScorer(Scorer):
+    keys = M.SEGMENTATION_METRICS
+
+    def score(self, pred, sample):
+        return M.segmentation_metrics(torch.from_numpy(pred).to(self.device),
+                                      torch.from_numpy(sample.gt).to(self.device))
+
+
+def make_scorer(bench: Benchmark, device, alignment=None, alignment_max_res=PROTOCOL, pooling="image") -> Scorer:
+    if bench.task == "depth":
+        return DepthScorer(bench, device, alignment, alignment_max_res)  # type: ignore[arg-type]
+    if bench.task == "normal":
+        return NormalScorer(bench, device, pooling)
+    if bench.task == "matting":
+        return MattingScorer(bench, device)
+    return SegmentationScorer(bench, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint mode
+# ----------------------------------------------------------------------------------------------
+
+def load_predictor(checkpoint: str, device: torch.device):
+    from d3.predictor import D3Predictor  # only the --checkpoint path needs the model code
+
+    return D3Predictor.from_pretrained(checkpoint, device=device)
+
+
+def predictor_default_res(predictor) -> Optional[int]:
+    for obj in (predictor, getattr(predictor, "config", None)):
+        if obj is None:
+            continue
+        val = obj.get("processing_res") if isinstance(obj, dict) else getattr(obj, "processing_res", None)
+        if val is not None:
+            return int(val)
+    return None
+
+
+def _as_list(out: Any, n: int) -> List[Any]:
+    """The predictor's output for n images as n items: a list, or an array batched on dim 0."""
+    if isinstance(out, (list, tuple)):
+        items = list(out)
+    elif isinstance(out, (np.ndarray, torch.Tensor)) and out.ndim >= 3 and out.shape[0] == n:
+        items = [out[i] for i in range(n)]
+    elif n == 1:
+        items = [out]
+    else:
+        raise EvaluationError(f"predictor returned {type(out).__name__} for a batch of {n} images")
+    if len(items) != n:
+        raise EvaluationError(f"predictor returned {len(items)} outputs for {n} images")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class InvalidCounter:
+    allow: bool
+    samples_with_nonfinite: int = 0
+    nonfinite_values: int = 0
+
+    def check(self, pred: np.ndarray, what: str) -> np.ndarray:
+        bad = ~np.isfinite(pred)
+        nbad = int(bad.sum())
+        if nbad == 0:
+            return pred
+        if not self.allow:
+            raise EvaluationError(f"{what}: prediction has {nbad} non-finite values "
+                                  f"(use --allow_invalid to score them as 0 and count them)")
+        self.samples_with_nonfinite += 1
+        self.nonfinite_values += nbad
+        pred = pred.copy()
+        pred[bad] = 0
+        return pred
+
+
+def _save_prediction(save_dir: Path, rgb_rel: str, pred: np.ndarray) -> None:
+    path = save_dir / PurePosixPath(rgb_rel).with_suffix(".npy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, pred.astype(np.float32))
+
+
+def _batches(n: int, size: int) -> Iterable[range]:
+    for i in range(0, n, size):
+        yield range(i, min(i + size, n))
+
+
+def evaluate_benchmark(
+    bench: Benchmark,
+    *,
+    predictions: Optional[os.PathLike] = None,
+    predictor: Any = None,
+    checkpoint: Optional[str] = None,
+    output: Optional[os.PathLike] = None,
+    alignment: Optional[str] = None,
+    alignment_max_res: Any = PROTOCOL,
+    pooling: str = "image",
+    processing_res: Optional[int] = None,
+    device: Any = "auto",
+    allow_invalid: bool = False,
+    save_predictions: Optional[os.PathLike] = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Score one benchmark; returns the summary (also written to ``output/summary.json``)."""
+    if (predictions is None) == (predictor is None):
+        raise ValueError("give exactly one of predictions (a folder) or predictor")
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    pred_dir = Path(predictions) if predictions is not None else None
+    if pred_dir is not None and not pred_dir.is_dir():
+        raise FileNotFoundError(f"{bench.name}: prediction folder {pred_dir} does not exist")
+    save_dir = Path(save_predictions) if save_predictions is not None else None
+    if processing_res == PROTOCOL:
+        processing_res = bench.protocol_processing_res
+    task = getattr(predictor, "task", None)
+    if predictor is not None and task is not None and bench.task != "segmentation" and task != bench.task:
+        raise EvaluationError(f"{bench.name} is a {bench.task} benchmark but the checkpoint predicts {task!r}")
+    scorer = make_scorer(bench, device, alignment, alignment_max_res, pooling)
+    invalid = InvalidCounter(allow_invalid)
+    skipped_empty: List[str] = []
+    rows: List[Dict[str, Any]] = []
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(bench), desc=f"Evaluating {bench.name}", disable=not progress, dynamic_ncols=True)
+    for idx in _batches(len(bench), max(1, batch_size)):
+        samples = [bench[i] for i in idx]
+        if predictor is not None:
+            with torch.no_grad():
+                raw = _as_list(predictor.predict([s.rgb for s in samples], processing_res=processing_res,
+                                                 batch_size=len(samples)), len(samples))
+        else:
+            raw = [read_prediction_file(find_prediction(pred_dir, bench, s.name)) for s in samples]
+        for sample, r in zip(samples, raw):
+            what = f"{bench.name} sample {sample.name}"
+            pred = conform_prediction(r, bench.task, sample.gt.shape[:2], what)
+            pred = invalid.check(pred, what)
+            if save_dir is not None:
+                _save_prediction(save_dir, sample.name, pred)
+            if not sample.valid.any():
+                if not allow_invalid:
+                    raise EvaluationError(f"{what}: no valid GT pixels (use --allow_invalid to skip such samples)")
+                skipped_empty.append(sample.name)
+                continue
+            try:
+                rows.append({"sample": sample.name, **scorer.score(pred, sample)})
+            except ValueError as e:
+                raise EvaluationError(f"{what}: {e}") from e
+        bar.update(len(samples))
+    bar.close()
+    if not rows:
+        raise EvaluationError(f"{bench.name}: no sample could be scored")
+
+    summary: Dict[str, Any] = {"dataset": bench.name, "task": bench.task, "num_samples": len(rows)}
+    summary.update(scorer.summarize(rows))
+    proto = {**bench.protocol(), **scorer.protocol()}
+    if predictor is not None:
+        proto["processing_res"] = processing_res if processing_res is not None else predictor_default_res(predictor)
+    else:
+        proto["processing_res"] = None  # predictions read from files, at GT resolution
+    summary["protocol"] = proto
+    summary["checkpoint"] = str(checkpoint) if predictor is not None else None
+    summary["predictions"] = str(pred_dir) if pred_dir is not None else None
+    summary["data_root"] = str(bench.root)
+    summary["split"] = str(bench.split) if bench.split is not None else None
+    summary["skipped_without_gt"] = bench.skipped_without_gt
+    summary["invalid"] = {"allow_invalid": allow_invalid,
+                          "samples_with_nonfinite": invalid.samples_with_nonfinite,
+                          "nonfinite_values": invalid.nonfinite_values,
+                          "skipped_empty_mask": len(skipped_empty)}
+    if save_dir is not None:
+        summary["saved_predictions"] = str(save_dir)
+
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        cols = ["sample"] + [k for k in scorer.keys if k in rows[0]] + list(scorer.extra_columns)
+        with open(out / "per_sample.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        with open(out / "summary.json", "w") as f:
+            json.dump(_jsonable(summary), f, indent=2)
+    return summary
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+# (metric key, column title, scale) per task; the paper's columns first.
+TABLE_COLUMNS = {
+    "depth": [("abs_rel", "AbsRel↓", 1), ("delta1", "δ1↑", 1), ("delta2", "δ2↑", 1), ("delta3", "δ3↑", 1),
+              ("sq_rel", "SqRel↓", 1), ("rmse", "RMSE↓", 1), ("rmse_log", "RMSElog↓", 1),
+              ("log10", "log10↓", 1), ("i_rmse", "iRMSE↓", 1), ("silog", "SILog↓", 1)],
+    "normal": [("mean", "Mean↓", 1), ("median", "Med↓", 1), ("rmse", "RMSE↓", 1), ("a5", "5°↑", 1),
+               ("a7_5", "7.5°↑", 1), ("a11_25", "11.25°↑", 1), ("a22_5", "22.5°↑", 1), ("a30", "30°↑", 1)],
+    "matting": [("sad", "SAD↓", 1), ("mad", "MAD↓", 1), ("mse", "MSE↓", 1), ("conn", "CONN↓", 1),
+                ("grad", "Grad↓", 1)],
+    "segmentation": [("iou", "IoU↑", 1), ("pixel_acc", "PA↑", 1), ("dice", "Dice↑", 1)],
+}
+UNITS_NOTE = {
+    "depth": "AbsRel and δ as fractions, as in the paper's Table 1 (Marigold prints them ×100); "
+             "RMSE in m, iRMSE in 1/m, SILog ×100",
+    "normal": "angles in degrees, thresholds in % (the paper's Table 2 prints Mean/100 and 11.25° as a fraction)",
+    "matting": "SAD and CONN ÷1000, MAD and MSE raw fractions, Grad ÷10, as P3M and the paper's Table 3",
+    "segmentation": "fractions, per-image mean, as in the paper's Tables 4 and 10-29",
+}
+GROUP_COLUMNS = {
+    "all_depth": [("abs_rel", "AbsRel↓"), ("delta1", "δ1↑")],
+    "all_normal": [("mean", "Mean↓"), ("median", "Med↓"), ("a11_25", "11.25°↑"), ("a22_5", "22.5°↑"),
+                   ("a30", "30°↑")],
+}
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    v = float(v)
+    if v != 0 and abs(v) < 1e-3 or abs(v) >= 1e5:
+        return f"{v:.3e}"
+    return f"{v:.4f}" if abs(v) <= 1 else f"{v:.3f}" if abs(v) < 100 else f"{v:.2f}"
+
+
+def _render(header: List[List[str]], rows: List[List[str]]) -> str:
+    all_rows = header + rows
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([*(line(h) for h in header), sep, *(line(r) for r in rows)])
+
+
+def format_table(summaries: Sequence[Dict[str, Any]]) -> str:
+    """One row per summary (all of one task) with the task's columns."""
+    task = summaries[0]["task"]
+    cols = TABLE_COLUMNS[task]
+    head = ["Dataset", "N"] + [c[1] for c in cols]
+    if task == "segmentation":
+        head.append("Avg↑")
+    rows = []
+    for s in summaries:
+        row = [BENCHMARKS[s["dataset"]].title, str(s["num_samples"])] + [_fmt(s.get(k)) for k, _, _ in cols]
+        if task == "segmentation":
+            row.append(_fmt(sum(s[k] for k, _, _ in cols) / len(cols)))
+        rows.append(row)
+    return f"[{UNITS_NOTE[task]}]\n" + _render([head], rows)
+
+
+def format_group_table(group: str, summaries: Dict[str, Dict[str, Any]], label: str) -> str:
+    """The paper's Table 1 / Table 2 layout: one column group per dataset, one row for the method."""
+    names = GROUPS[group]
+    cols = GROUP_COLUMNS[group]
+    top, sub, vals = ["Method"], [""], [label]
+    for name in names:
+        title = BENCHMARKS[name].title
+        n = summaries[name]["num_samples"] if name in summaries else 0
+        for j, (key, ctitle) in enumerate(cols):
+            top.append(f"{title} (N={n})" if j == 0 and name in summaries else (title if j == 0 else ""))
+            sub.append(ctitle)
+            vals.append(_fmt(summaries[name].get(key)) if name in summaries else "-")
+    task = "depth" if group == "all_depth" else "normal"
+    return f"[{UNITS_NOTE[task]}]\n" + _render([top, sub], [vals])
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point used by evaluate.py
+# ----------------------------------------------------------------------------------------------
+
+def run(
+    dataset: str,
+    data_root: os.PathLike,
+    *,
+    checkpoint: Optional[str] = None,
+    predictions: Optional[os.PathLike] = None,
+    predictor: Any = None,
+    output: Optional[os.PathLike] = None,
+    split: Optional[os.PathLike] = None,
+    reader_kwargs: Optional[Dict[str, Any]] = None,
+    print_fn=print,
+    **kwargs,
+) -> Dict[str, Dict[str, Any]]:
+    """Evaluate one dataset or a group (``all_depth`` / ``all_normal``); print the table; return
+    {dataset name: summary}. ``predictor`` may be passed instead of loading ``checkpoint``.
+    ``reader_kwargs`` go to the reader (for a group: ``{dataset name: kwargs}``); the other keyword
+    arguments to :func:`evaluate_benchmark`."""
+    if (checkpoint is None and predictor is None) == (predictions is None):
+        raise ValueError("give exactly one of --checkpoint or --predictions")
+    data_root = Path(data_root)
+    if not data_root.exists():
+        raise FileNotFoundError(f"data root {data_root} does not exist")
+    output = Path(output) if output is not None else Path("eval_results") / dataset
+    device = resolve_device(kwargs.pop("device", "auto"))
+    if predictor is None and checkpoint is not None:
+        predictor = load_predictor(checkpoint, device)
+    label = str(checkpoint) if checkpoint is not None else str(predictions)
+    save = kwargs.pop("save_predictions", None)
+
+    if dataset in GROUPS:
+        if split is not None:
+            raise ValueError("--split applies to a single dataset, not to " + dataset)
+        summaries: Dict[str, Dict[str, Any]] = {}
+        for name in GROUPS[dataset]:
+            cls = BENCHMARKS[name]
+            loc = cls.present_in(data_root)
+            if loc is None:
+                print_fn(f"{name}: not found under {data_root} (looked for {', '.join(cls.default_paths)}), skipped")
+                continue
+            bench = cls(loc, None, **(reader_kwargs or {}).get(name, {}))
+            summaries[name] = evaluate_benchmark(
+                bench, predictions=Path(predictions) / name if predictions is not None else None,
+                predictor=predictor, checkpoint=checkpoint, output=output / name, device=device,
+                save_predictions=Path(save) / name if save is not None else None, **kwargs)
+        if not summaries:
+            raise FileNotFoundError(f"{dataset}: none of {', '.join(GROUPS[dataset])} found under {data_root}")
+        print_fn(format_group_table(dataset, summaries, label))
+        print_fn(f"per-dataset per_sample.csv and summary.json in {output}/<name>/")
+        return summaries
+
+    if dataset not in BENCHMARKS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(BENCHMARKS) + sorted(GROUPS)}")
+    bench = BENCHMARKS[dataset](data_root, split, **(reader_kwargs or {}))
+    summary = evaluate_benchmark(bench, predictions=predictions, predictor=predictor, checkpoint=checkpoint,
+                                 output=output, device=device, save_predictions=save, **kwargs)
+    print_fn(format_table([summary]))
+    print_fn(f"per-sample metrics: {output / 'per_sample.csv'}; summary: {output / 'summary.json'}")
+    return {dataset: summary}

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Evaluate depth / normals / matting / segmentation under the paper's protocols.
+
+  python evaluate.py --dataset nyu --data-root DATA/nyuv2/nyu_labeled_extracted.tar --predictions PRED_DIR
+  python evaluate.py --dataset all_depth --data-root DATA --checkpoint CKPT
+  python evaluate.py --dataset p3m --data-root DATA/P3M-10k/validation --predictions ALPHAS
+  python evaluate.py --dataset folder --data-root MY_TASK --predictions MASKS
+
+Protocols: PROTOCOLS.md §1-4 (Marigold for depth and normals, P3M for matting). Writes
+``<output>/per_sample.csv`` and ``<output>/summary.json`` (``<output>/<name>/`` per set for all_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from d3.data.benchmarks import BENCHMARKS, GROUPS
+from d3.metrics import ALIGNMENTS
+
+
+def _processing_res(value: str):
+    return value if value == "protocol" else int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=list(BENCHMARKS) + list(GROUPS),
+                   help="benchmark name; all_depth / all_normal run the five sets of Table 1 / Table 2")
+    p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
+                   help="dataset folder or .tar, or a base dir holding it under its usual name "
+                        "(for all_*: the base dir)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="D3 checkpoint (folder, hub id or official .pth): predict in memory")
+    src.add_argument("--predictions", help="folder of saved predictions (ours or Marigold's naming); "
+                                           "for all_*: one sub-folder per dataset name")
+    p.add_argument("--split", help="filename list (whitespace-separated, column 0 = RGB path); default: discover")
+    p.add_argument("--output", help="output folder (default eval_results/<dataset>)")
+    p.add_argument("--alignment", choices=ALIGNMENTS, default=None,
+                   help="depth alignment (default: the protocol's, least_square)")
+    p.add_argument("--alignment_max_res", type=int, default=None,
+                   help="subsample for the alignment fit (default: the protocol's, 1024 for ETH3D; 0 = off)")
+    p.add_argument("--pooling", choices=("image", "pixel"), default="image",
+                   help="normals: per-image mean (Marigold, default) or all pixels pooled (DSINE)")
+    p.add_argument("--processing_res", type=_processing_res, default=None,
+                   help="--checkpoint: processing resolution, an integer (0 = native) or 'protocol' for "
+                        "Marigold's per-dataset value (default: the checkpoint's own)")
+    p.add_argument("--save_predictions", help="--checkpoint: also write the predictions here (.npy, our naming)")
+    p.add_argument("--batch_size", type=int, default=1, help="--checkpoint: images per predictor call")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--allow_invalid", action="store_true",
+                   help="score non-finite prediction values as 0 and skip samples without valid GT, "
+                        "counting both in summary.json, instead of stopping with an error")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from d3.evaluation import PROTOCOL, EvaluationError, run
+
+    if args.save_predictions and not args.checkpoint:
+        build_parser().error("--save_predictions needs --checkpoint")
+    try:
+        run(
+            args.dataset, args.data_root,
+            checkpoint=args.checkpoint, predictions=args.predictions, output=args.output, split=args.split,
+            alignment=args.alignment,
+            alignment_max_res=PROTOCOL if args.alignment_max_res is None else args.alignment_max_res,
+            pooling=args.pooling, processing_res=args.processing_res, device=args.device,
+            allow_invalid=args.allow_invalid, save_predictions=args.save_predictions,
+            batch_size=args.batch_size, progress=not args.no_progress,
+        )
+    except (EvaluationError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
