@@ -1,0 +1,202 @@
+"""d3.pseudo_label end to end with tiny randomly initialised transformers depth models built from configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d3.prepare import list_samples, load_depth, load_rgb, read_manifest
+from d3.pseudo_label import main, predict
+
+transformers = pytest.importorskip("transformers")
+
+SIZES = {"a/x.jpg": (20, 30), "a/y.png": (25, 17), "b/rot.jpg": (18, 22), "c/w.bmp": (16, 16), "top.jpeg": (21, 19)}
+
+
+def _save_tiny_depth_anything(folder: Path, metric: bool) -> Path:
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    torch.manual_seed(0)
+    backbone = dict(model_type="dinov2", hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                    intermediate_size=32, patch_size=4, image_size=32, out_indices=[1, 2, 3, 4],
+                    reshape_hidden_states=False)
+    extra = dict(depth_estimation_type="metric", max_depth=20) if metric else {}
+    config = DepthAnythingConfig(backbone_config=backbone, patch_size=4, reassemble_hidden_size=16,
+                                 neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8, head_hidden_size=8, **extra)
+    model = DepthAnythingForDepthEstimation(config).eval()
+    # keep_aspect_ratio: inputs of different shapes in one batch (the labeller groups them)
+    processor = DPTImageProcessorPil(size={"height": 32, "width": 32}, keep_aspect_ratio=True, ensure_multiple_of=4)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: thread start-up costs more than the arithmetic (restored for other tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"relative": _save_tiny_depth_anything(root / "rel", metric=False),
+            "metric": _save_tiny_depth_anything(root / "metric", metric=True)}
+
+
+@pytest.fixture()
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for rel, (h, w) in SIZES.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        if rel == "b/rot.jpg":
+            exif = Image.Exif()
+            exif[0x0112] = 6  # "rotate 90": must not survive, the label is for the stored pixel grid
+            im.save(path, exif=exif.tobytes(), quality=95)
+        elif rel == "a/y.png":
+            im.convert("RGBA").save(path)
+        else:
+            im.save(path)
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _direct(model_dir: Path, path: Path) -> np.ndarray:
+    """The same model run on one image without the CLI: what the batched labeller must reproduce."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    model = AutoModelForDepthEstimation.from_pretrained(model_dir).eval()
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    with torch.no_grad():
+        out = model(**processor(images=rgb, return_tensors="pt"))
+    return processor.post_process_depth_estimation(out, target_sizes=[(rgb.height, rgb.width)])[0][
+        "predicted_depth"].numpy()
+
+
+def test_pseudo_label_end_to_end_relative(models, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--input", str(images), "--output", str(out), "--model", str(models["relative"]),
+            "--batch_size", "3", "--num_workers", "0", "--device", "cpu"]
+    assert main(argv) == 1  # the broken file is reported, the others are labelled
+    report = capsys.readouterr().out
+    assert f"FAILED {images / 'a' / 'broken.jpg'}" in report
+    assert "5 written, 0 skipped (already done), 1 failed; 5 samples" in report
+
+    manifest = read_manifest(out)
+    assert manifest["depth_kind"] == "relative_inverse" and manifest["source"] == "coco"
+    assert manifest["model"] == str(models["relative"].resolve()) and manifest["modalities"] == ["depth"]
+    assert "max_depth" not in manifest
+    rels = {r[: r.rindex(".")] for r in SIZES}
+    assert set(list_samples(out)) == rels
+    for rel, (h, w) in SIZES.items():
+        stem = rel[: rel.rindex(".")]
+        depth = load_depth(out, stem)
+        assert depth.shape == (h, w) and depth.dtype == np.float32 and np.isfinite(depth).all()
+        np.testing.assert_allclose(depth, _direct(models["relative"], images / rel), rtol=1e-4, atol=1e-6)
+        assert load_rgb(out, stem).shape == (h, w, 3)
+    # JPEG/PNG copied byte for byte; the EXIF-rotated JPEG re-encoded without the tag; BMP -> PNG
+    assert (out / "rgb" / "a" / "x.jpg").read_bytes() == (images / "a" / "x.jpg").read_bytes()
+    assert (out / "rgb" / "a" / "y.png").read_bytes() == (images / "a" / "y.png").read_bytes()
+    with Image.open(out / "rgb" / "b" / "rot.jpg") as im:
+        assert im.size == (22, 18) and im.getexif().get(0x0112) is None
+    with Image.open(images / "c" / "w.bmp") as im:
+        np.testing.assert_array_equal(load_rgb(out, "c/w"), np.asarray(im.convert("RGB")))
+    assert (out / "rgb" / "c" / "w.png").exists()
+    assert not list(out.rglob("*.tmp"))
+
+    # resumable: a second run labels nothing new
+    assert main(argv) == 1
+    assert "0 written, 5 skipped (already done), 1 failed" in capsys.readouterr().out
+    (out / "rgb" / "a" / "x.jpg").unlink()  # an interrupted sample (depth written, rgb not) is redone
+    assert main(argv) == 1
+    assert "1 written, 4 skipped" in capsys.readouterr().out
+
+    # one folder, one model
+    with pytest.raises(SystemExit, match="settings"):
+        main(argv[:-6] + ["--model", str(models["metric"]), "--num_workers", "0", "--device", "cpu"])
+
+
+def test_pseudo_label_metric_model(models, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    (images / "a" / "broken.jpg").unlink()
+    assert main(["--input", str(images), "--output", str(out), "--model", str(models["metric"]),
+                 "--batch_size", "8", "--num_workers", "0", "--source", "real"]) == 0
+    manifest = read_manifest(out)
+    assert (manifest["depth_kind"], manifest["min_depth"], manifest["max_depth"]) == ("metric", 1e-5, 80.0)
+    assert manifest["source"] == "real" and manifest["num_samples"] == len(SIZES)
+    for rel in SIZES:
+        stem = rel[: rel.rindex(".")]
+        depth = load_depth(out, stem)
+        assert np.isfinite(depth).all() and depth.min() >= -1e-3 and depth.max() <= 20.0 + 1e-3
+        np.testing.assert_allclose(depth, _direct(models["metric"], images / rel), rtol=1e-4, atol=1e-5)
+
+
+def test_unreachable_model_fails_in_one_line(tmp_path, images, monkeypatch):
+    import huggingface_hub
+
+    import d3.pseudo_label as pl
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert pl.hub_reachable() is False
+    monkeypatch.setattr(pl, "hub_reachable", lambda timeout=5.0: False)  # no network, whatever the machine
+    for model in ["d3-tests/no-such-depth-model", str(tmp_path / "no" / "model")]:
+        with pytest.raises(SystemExit) as err:
+            main(["--input", str(images), "--output", str(out), "--model", model])
+        message = str(err.value)
+        assert "\n" not in message and model in message and "--model" in message
+    assert "local folder" in message or "no such model folder" in message
+    assert not out.exists()
+
+
+def test_depth_pro_is_metric(tmp_path, images):
+    """The default model family (its image processor needs torchvision)."""
+    pytest.importorskip("torchvision")
+    from transformers import DepthProConfig, DepthProForDepthEstimation, DepthProImageProcessor
+
+    vit = dict(model_type="dinov2", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=32, patch_size=4, image_size=16)
+    config = DepthProConfig(fusion_hidden_size=16, patch_size=16, intermediate_hook_ids=[1, 0],
+                            intermediate_feature_dims=[8, 8], scaled_images_ratios=[0.5, 1.0],
+                            scaled_images_overlap_ratios=[0.0, 0.5], scaled_images_feature_dims=[16, 16],
+                            use_fov_model=True, image_model_config=vit, patch_model_config=vit, fov_model_config=vit)
+    folder = tmp_path / "depth_pro"
+    DepthProForDepthEstimation(config).save_pretrained(folder)
+    DepthProImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    (images / "a" / "broken.jpg").unlink()
+    out = tmp_path / "out"
+    assert main(["--input", str(images), "--output", str(out), "--model", str(folder), "--num_workers", "0"]) == 0
+    assert read_manifest(out)["depth_kind"] == "metric"
+    for rel, (h, w) in SIZES.items():
+        depth = load_depth(out, rel[: rel.rindex(".")])
+        assert depth.shape == (h, w) and np.isfinite(depth).all() and depth.min() > 0
+
+
+def test_predict_groups_shapes_in_a_batch(models):
+    """Items of two input shapes in one batch come back in order, each at its own size."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    processor = AutoImageProcessor.from_pretrained(models["relative"])
+    model = AutoModelForDepthEstimation.from_pretrained(models["relative"]).eval()
+    rng = np.random.default_rng(1)
+    items = []
+    for h, w in [(20, 40), (30, 15), (21, 41)]:
+        im = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        items.append({"size": (h, w), "pixel_values": processor(images=im, return_tensors="pt")["pixel_values"][0]})
+    assert len({tuple(i["pixel_values"].shape) for i in items}) == 2
+    depths = predict(model, processor, items, torch.device("cpu"), torch.float32)
+    assert [d.shape for d in depths] == [(20, 40), (30, 15), (21, 41)]
