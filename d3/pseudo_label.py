@@ -8,11 +8,15 @@ image processor's ``post_process_depth_estimation`` brings every prediction back
 resolution (for Depth Pro it also turns the canonical inverse depth into metric depth with the
 predicted field of view, which is why the target sizes are always passed).
 
-What is written (the plain folder format of ``d3.prepare.common``): ``OUT/rgb/<REL>.<ext>`` (the
-input file copied byte for byte; re-encoded without EXIF when it carries an EXIF rotation, and as PNG
-when its format is not JPEG/PNG; the label always matches the stored pixel grid, which is what PIL
-and the training reader load) and ``OUT/depth/<REL>.npy`` (float32, H x W), REL being the path under
-``--input`` without extension. ``d3_dataset.json`` records ``model`` and ``depth_kind``:
+What is written (the plain folder format of ``d3.prepare.common``): ``OUT/rgb/<REL>.<ext>`` and
+``OUT/depth/<REL>.npy`` (float32, H x W), REL being the path under ``--input`` without extension.
+Images are decoded as training and inference decode them (``d3.io.load_rgb``: EXIF rotation applied,
+alpha composited on white). A plain RGB/greyscale JPEG or PNG decodes the same everywhere and is
+copied byte for byte; any other file is written as the exact decoded array in PNG, so the label
+matches the stored pixels whoever reads them. Inputs of different sizes are batched together when
+the processor gives them the same input shape (Depth Pro always does).
+
+``d3_dataset.json`` records ``model`` and ``depth_kind``:
 
 * ``metric``: depth in metres (Depth Pro with its field-of-view head, ZoeDepth, GLPN, Depth Anything
   metric checkpoints). The training loss range is ``min_depth``/``max_depth`` (1e-5 / 80 m, as the
@@ -40,11 +44,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from d3.prepare.common import Counts, PlainFolder, atomic_copy, atomic_save_image, atomic_save_npy
+from d3.io import find_images, load_rgb
+from d3.prepare.common import Counts, PlainFolder, atomic_copy, atomic_save_npy, atomic_save_png
 
 DEFAULT_MODEL = "apple/DepthPro-hf"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-KEEP_EXTS = (".jpg", ".jpeg", ".png")
+KEEP_EXTS = (".jpg", ".jpeg", ".png")  # copied byte for byte when the pixels need no conversion
 DEPTH_KINDS = ("metric", "relative", "relative_inverse")
 METRIC_RANGE = (1e-5, 80.0)
 EXIF_ORIENTATION = 0x0112
@@ -64,19 +68,20 @@ def guess_depth_kind(config: Any) -> str | None:
     return None
 
 
-def list_images(input_dir: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, names in os.walk(input_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath, n) for n in names if Path(n).suffix.lower() in IMAGE_EXTS and not n.startswith(".")]
-    return sorted(files)
+def output_name(path: Path, input_dir: Path) -> str:
+    """REL of an input image: its path under --input without extension."""
+    return path.relative_to(input_dir).with_suffix("").as_posix()
 
 
-def output_name(path: Path, input_dir: Path) -> tuple[str, str]:
-    """(REL, rgb extension) of an input image."""
-    rel = path.relative_to(input_dir).with_suffix("").as_posix()
-    ext = path.suffix.lower()
-    return rel, ext if ext in KEEP_EXTS else ".png"
+def is_plain(path: Path, image: Image.Image) -> bool:
+    """Whether every reader decodes the file to the same RGB pixels (so it can be copied verbatim).
+
+    Other files (EXIF-rotated, alpha, CMYK, 16-bit, palette, non JPEG/PNG) are decoded once with
+    ``d3.io.load_rgb`` (as training and inference decode them), labelled, and written as that exact
+    array in PNG, so the label never depends on a reader's EXIF or alpha handling.
+    """
+    return (path.suffix.lower() in KEEP_EXTS and image.mode in ("RGB", "L")
+            and image.getexif().get(EXIF_ORIENTATION, 1) in (0, 1))
 
 
 def resolve_device(name: str):
@@ -151,24 +156,23 @@ def load_model(model: str, device, dtype):
 class _Images:
     """Decodes and preprocesses one image per item (runs in DataLoader workers)."""
 
-    def __init__(self, items: list[tuple[Path, str, str]], processor):
+    def __init__(self, items: list[tuple[Path, str]], processor):
         self.items, self.processor = items, processor
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        path, rel, ext = self.items[i]
-        item = {"path": path, "rel": rel, "ext": ext, "error": None}
+        path, rel = self.items[i]
+        item = {"path": path, "rel": rel, "error": None}
         try:
             with Image.open(path) as im:
-                im.load()
-                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-                rgb = im.convert("RGB")
-            item["size"] = (rgb.height, rgb.width)
-            item["reencode"] = orientation not in (0, 1) or path.suffix.lower() not in KEEP_EXTS
+                plain = is_plain(path, im)
+            rgb = load_rgb(path)
+            item["size"] = rgb.shape[:2]
+            item["rgb"] = None if plain else rgb  # what to write instead of a copy
             item["pixel_values"] = self.processor(images=rgb, return_tensors="pt")["pixel_values"][0]
-        except Exception as e:
+        except Exception as e:  # d3.io.ImageReadError names the file; anything else is reported the same way
             item["error"] = f"{type(e).__name__}: {e}"
         return item
 
@@ -177,13 +181,15 @@ def _collate(batch: list[dict]) -> list[dict]:
     return batch
 
 
+def _rgb_ext(item: dict) -> str:
+    return ".png" if item["rgb"] is not None else item["path"].suffix.lower()
+
+
 def _write_rgb(item: dict, path: Path) -> None:
-    if not item["reencode"]:
+    if item["rgb"] is None:
         atomic_copy(item["path"], path)
-        return
-    with Image.open(item["path"]) as im:
-        rgb = im.convert("RGB")  # the stored pixel grid (no EXIF rotation), as it was labelled
-    atomic_save_image(path, rgb, **({"quality": 95} if path.suffix in (".jpg", ".jpeg") else {}))
+    else:
+        atomic_save_png(path, item["rgb"])
 
 
 def predict(model, processor, items: list[dict], device, dtype) -> list[np.ndarray]:
@@ -234,7 +240,7 @@ def run(args: argparse.Namespace) -> Counts:
     from tqdm.auto import tqdm
 
     input_dir = Path(args.input)
-    if not input_dir.is_dir():
+    if not input_dir.is_dir():  # a folder, so that REL (the path under it) names every sample
         raise SystemExit(f"{input_dir}: not a folder of images")
     device = resolve_device(args.device)
     dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
@@ -258,16 +264,17 @@ def run(args: argparse.Namespace) -> Counts:
 
     counts = Counts()
     todo, seen = [], {}
-    for path in list_images(input_dir):
-        rel, ext = output_name(path, input_dir)
+    for path in find_images(input_dir):
+        rel = output_name(path, input_dir)
         if rel in seen:
             counts.failed.append((str(path), f"same output name {rel!r} as {seen[rel]}"))
             continue
         seen[rel] = path
-        if folder.is_done(rel, {"rgb": ext, "depth": ".npy"}):
+        rgb_done = any((folder.root / "rgb" / f"{rel}{ext}").exists() for ext in {path.suffix.lower(), ".png"})
+        if rgb_done and (folder.root / "depth" / f"{rel}.npy").exists():
             counts.skipped += 1
         else:
-            todo.append((path, rel, ext))
+            todo.append((path, rel))
 
     from torch.utils.data import DataLoader
 
@@ -287,7 +294,7 @@ def run(args: argparse.Namespace) -> Counts:
                 if not np.all(np.isfinite(depth)):
                     counts.failed.append((str(item["path"]), "prediction has non-finite values"))
                     continue
-                paths = folder.paths(item["rel"], {"rgb": item["ext"], "depth": ".npy"})
+                paths = folder.paths(item["rel"], {"rgb": _rgb_ext(item), "depth": ".npy"})
                 try:
                     atomic_save_npy(paths["depth"], depth.astype(np.float32))
                     _write_rgb(item, paths["rgb"])  # last: an rgb file means a complete sample

@@ -7,13 +7,41 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from d3.prepare import list_samples, load_alpha, load_depth, load_normal, load_rgb, read_manifest
+from d3.data.folders import DatasetMeta, TrainingFolder, read_array
+from d3.prepare import list_samples, read_manifest
 from d3.prepare.__main__ import main
 from d3.prepare.common import DONE_DIR, _atomic
 from d3.prepare.hypersim import tone_map
 from tests import raw_fixtures as fx
+
+
+def _find(root: Path, kind: str, rel: str) -> Path:
+    (path,) = [p for p in (root / kind).glob(f"{rel}.*") if not p.name.startswith(".")]
+    return path
+
+
+def load_depth(root: Path, rel: str) -> np.ndarray:
+    """Metres, through the training reader's own decoding (npy, or uint16 PNG x depth_png_scale)."""
+    path = _find(root, "depth", rel)
+    return read_array(path, png_scale=DatasetMeta.read(root).depth_png_scale if path.suffix == ".png" else 1.0)
+
+
+def load_normal(root: Path, rel: str) -> np.ndarray:
+    return np.load(_find(root, "normal", rel))
+
+
+def load_rgb(root: Path, rel: str) -> np.ndarray:
+    with Image.open(_find(root, "rgb", rel)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def load_alpha(root: Path, rel: str) -> np.ndarray:
+    with Image.open(_find(root, "alpha", rel)) as im:
+        assert im.mode == "L"
+        return np.asarray(im)
 
 
 def _no_temp_files(root: Path) -> None:
@@ -124,7 +152,7 @@ def test_hypersim_resumes_and_selects_splits(hypersim, tmp_path, capsys):
     assert rels == sorted(r for r, e in expected.items() if e["listed"])
     assert len(rels) == 3 and not (out2 / "normal").exists()
     manifest = read_manifest(out2)
-    assert manifest["depth_png_scale"] == 1000.0 and manifest["modalities"] == ["depth"]
+    assert manifest["depth_png_scale"] == 0.001 and manifest["modalities"] == ["depth"]
     for rel in rels:
         with Image.open(out2 / "depth" / f"{rel}.png") as im:
             assert np.asarray(im).dtype == np.uint16
@@ -178,7 +206,7 @@ def test_vkitti_depth_units_cap_and_selection(tmp_path, capsys):
     assert depth[300 - top, 600 - left] == pytest.approx(23.45)
     with Image.open(raw / "rgb" / "Scene01" / "clone" / "frames" / "rgb" / "Camera_0" / "rgb_00000.jpg") as im:
         np.testing.assert_array_equal(rgb, np.asarray(im.convert("RGB"))[top:, left : left + 1216])
-    assert read_manifest(out2)["depth_png_scale"] == 100.0
+    assert read_manifest(out2)["depth_png_scale"] == 0.01
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,10 +257,30 @@ def test_p3m_alpha_round_trip(tmp_path, capsys, level):
     assert manifest["source"] == "p3m" and manifest["modalities"] == ["alpha"]
     for stem, alpha in expected.items():
         np.testing.assert_array_equal(load_alpha(out, stem), alpha)
-        with Image.open(out / "alpha" / f"{stem}.png") as im:
-            assert im.mode == "L"
         train = raw / "P3M-10k" / "train"
         assert (out / "rgb" / f"{stem}.jpg").read_bytes() == (train / "blurred_image" / f"{stem}.jpg").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# The training reader reads what the converters write
+
+
+def test_training_reader_reads_prepared_folders(hypersim, tmp_path):
+    raw, _ = hypersim
+    out = tmp_path / "hypersim"
+    assert main(["hypersim", "--src", str(raw), "--dst", str(out), "--depth_format", "png"]) == 0
+    depth = TrainingFolder(out, "depth", 16, encode_target=lambda s: s["depth"].expand(3, -1, -1))
+    assert (depth.name, depth.meta.min_depth, depth.meta.max_depth, len(depth)) == ("hypersim", 1e-5, 65.0, 2)
+    sample = depth[0]
+    assert sample["valid"].sum() < 16 * 16 and (sample["depth"][sample["valid"]] > 0.9).all()
+    normals = TrainingFolder(out, "normal", 16)
+    target, valid = normals[1]["target"], normals[1]["valid"][0]
+    assert torch.allclose(target[:, valid].norm(dim=0), torch.ones(()), atol=1e-5) and not valid.all()
+
+    p3m_raw = tmp_path / "p3m_raw"
+    fx.write_p3m(p3m_raw)
+    main(["p3m", "--src", str(p3m_raw), "--dst", str(tmp_path / "p3m")])
+    assert len(TrainingFolder(tmp_path / "p3m", "alpha", 16)) == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,12 +9,21 @@ import pytest
 import torch
 from PIL import Image
 
-from d3.prepare import list_samples, load_depth, load_rgb, read_manifest
+from d3.io import load_rgb
+from d3.prepare import list_samples, read_manifest
 from d3.pseudo_label import main, predict
 
 transformers = pytest.importorskip("transformers")
 
+# stored (height, width); b/rot.jpg carries an EXIF 90-degree rotation, so it decodes as 22 x 18
 SIZES = {"a/x.jpg": (20, 30), "a/y.png": (25, 17), "b/rot.jpg": (18, 22), "c/w.bmp": (16, 16), "top.jpeg": (21, 19)}
+# where each lands: plain JPEG/PNG copied, the RGBA PNG, the rotated JPEG and the BMP written as decoded PNGs
+OUTPUTS = {"a/x.jpg": "a/x.jpg", "a/y.png": "a/y.png", "b/rot.jpg": "b/rot.png", "c/w.bmp": "c/w.png",
+           "top.jpeg": "top.jpeg"}
+
+
+def load_depth(root: Path, rel: str) -> np.ndarray:
+    return np.load(root / "depth" / f"{rel}.npy")
 
 
 def _save_tiny_depth_anything(folder: Path, metric: bool) -> Path:
@@ -64,8 +73,9 @@ def images(tmp_path):
             exif = Image.Exif()
             exif[0x0112] = 6  # "rotate 90": must not survive, the label is for the stored pixel grid
             im.save(path, exif=exif.tobytes(), quality=95)
-        elif rel == "a/y.png":
-            im.convert("RGBA").save(path)
+        elif rel == "a/y.png":  # half transparent: decoded on white
+            alpha = np.where(np.arange(w)[None, :] < w // 2, 255, 60).astype(np.uint8).repeat(h, axis=0)
+            Image.fromarray(np.dstack([np.asarray(im), alpha]), "RGBA").save(path)
         else:
             im.save(path)
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
@@ -79,12 +89,10 @@ def _direct(model_dir: Path, path: Path) -> np.ndarray:
 
     processor = AutoImageProcessor.from_pretrained(model_dir)
     model = AutoModelForDepthEstimation.from_pretrained(model_dir).eval()
-    with Image.open(path) as im:
-        rgb = im.convert("RGB")
+    rgb = load_rgb(path)
     with torch.no_grad():
         out = model(**processor(images=rgb, return_tensors="pt"))
-    return processor.post_process_depth_estimation(out, target_sizes=[(rgb.height, rgb.width)])[0][
-        "predicted_depth"].numpy()
+    return processor.post_process_depth_estimation(out, target_sizes=[rgb.shape[:2]])[0]["predicted_depth"].numpy()
 
 
 def test_pseudo_label_end_to_end_relative(models, images, tmp_path, capsys):
@@ -102,20 +110,21 @@ def test_pseudo_label_end_to_end_relative(models, images, tmp_path, capsys):
     assert "max_depth" not in manifest
     rels = {r[: r.rindex(".")] for r in SIZES}
     assert set(list_samples(out)) == rels
-    for rel, (h, w) in SIZES.items():
+    for rel, out_rel in OUTPUTS.items():
         stem = rel[: rel.rindex(".")]
+        decoded = load_rgb(images / rel)  # what training and inference see
         depth = load_depth(out, stem)
-        assert depth.shape == (h, w) and depth.dtype == np.float32 and np.isfinite(depth).all()
+        assert depth.shape == decoded.shape[:2] and depth.dtype == np.float32 and np.isfinite(depth).all()
         np.testing.assert_allclose(depth, _direct(models["relative"], images / rel), rtol=1e-4, atol=1e-6)
-        assert load_rgb(out, stem).shape == (h, w, 3)
-    # JPEG/PNG copied byte for byte; the EXIF-rotated JPEG re-encoded without the tag; BMP -> PNG
-    assert (out / "rgb" / "a" / "x.jpg").read_bytes() == (images / "a" / "x.jpg").read_bytes()
-    assert (out / "rgb" / "a" / "y.png").read_bytes() == (images / "a" / "y.png").read_bytes()
-    with Image.open(out / "rgb" / "b" / "rot.jpg") as im:
-        assert im.size == (22, 18) and im.getexif().get(0x0112) is None
-    with Image.open(images / "c" / "w.bmp") as im:
-        np.testing.assert_array_equal(load_rgb(out, "c/w"), np.asarray(im.convert("RGB")))
-    assert (out / "rgb" / "c" / "w.png").exists()
+        np.testing.assert_array_equal(load_rgb(out / "rgb" / out_rel), decoded)
+    assert load_depth(out, "b/rot").shape == (22, 18)
+    # plain JPEG/PNG copied byte for byte; the others written as their decoded pixels, without EXIF
+    for rel in ["a/x.jpg", "top.jpeg"]:
+        assert (out / "rgb" / rel).read_bytes() == (images / rel).read_bytes()
+    with Image.open(out / "rgb" / "b" / "rot.png") as im:
+        assert im.size == (18, 22) and im.getexif().get(0x0112) is None and im.mode == "RGB"
+    with Image.open(out / "rgb" / "a" / "y.png") as im:
+        assert im.mode == "RGB"  # the RGBA input, composited on white as d3.io decodes it
     assert not list(out.rglob("*.tmp"))
 
     # resumable: a second run labels nothing new
@@ -134,13 +143,12 @@ def test_pseudo_label_metric_model(models, images, tmp_path, capsys):
     out = tmp_path / "out"
     (images / "a" / "broken.jpg").unlink()
     assert main(["--input", str(images), "--output", str(out), "--model", str(models["metric"]),
-                 "--batch_size", "8", "--num_workers", "0", "--source", "real"]) == 0
+                 "--batch_size", "2", "--num_workers", "2", "--source", "real"]) == 0  # DataLoader workers
     manifest = read_manifest(out)
     assert (manifest["depth_kind"], manifest["min_depth"], manifest["max_depth"]) == ("metric", 1e-5, 80.0)
     assert manifest["source"] == "real" and manifest["num_samples"] == len(SIZES)
     for rel in SIZES:
-        stem = rel[: rel.rindex(".")]
-        depth = load_depth(out, stem)
+        depth = load_depth(out, rel[: rel.rindex(".")])
         assert np.isfinite(depth).all() and depth.min() >= -1e-3 and depth.max() <= 20.0 + 1e-3
         np.testing.assert_allclose(depth, _direct(models["metric"], images / rel), rtol=1e-4, atol=1e-5)
 
@@ -181,9 +189,9 @@ def test_depth_pro_is_metric(tmp_path, images):
     out = tmp_path / "out"
     assert main(["--input", str(images), "--output", str(out), "--model", str(folder), "--num_workers", "0"]) == 0
     assert read_manifest(out)["depth_kind"] == "metric"
-    for rel, (h, w) in SIZES.items():
+    for rel in SIZES:
         depth = load_depth(out, rel[: rel.rindex(".")])
-        assert depth.shape == (h, w) and np.isfinite(depth).all() and depth.min() > 0
+        assert depth.shape == load_rgb(images / rel).shape[:2] and np.isfinite(depth).all() and depth.min() > 0
 
 
 def test_predict_groups_shapes_in_a_batch(models):

@@ -3,17 +3,8 @@
 ``python -m d3.prepare hypersim|vkitti|sintel|p3m --src RAW --dst OUT [options]``
 """
 
-from .common import (
-    MANIFEST,
-    list_samples,
-    load_alpha,
-    load_depth,
-    load_normal,
-    load_rgb,
-    read_manifest,
-)
+from .common import MANIFEST, list_samples, read_manifest
 
 SOURCES = ("hypersim", "vkitti", "sintel", "p3m")
 
-__all__ = ["MANIFEST", "SOURCES", "list_samples", "load_alpha", "load_depth", "load_normal", "load_rgb",
-           "read_manifest"]
+__all__ = ["MANIFEST", "SOURCES", "list_samples", "read_manifest"]

@@ -4,9 +4,9 @@ Layout of a prepared folder (one source per folder)::
 
     OUT/
       d3_dataset.json        manifest (below); written first, updated at the end of every run
-      rgb/<REL>.png|.jpg     8-bit image, read as PIL ``Image.open(p).convert("RGB")``
+      rgb/<REL>.png|.jpg     8-bit RGB (or greyscale) image
       depth/<REL>.npy        float32 (H, W) depth in metres; 0 marks an invalid pixel
-      depth/<REL>.png        alternative: uint16, metres = value / manifest["depth_png_scale"]; 0 = invalid
+      depth/<REL>.png        alternative: uint16, metres = value * manifest["depth_png_scale"]; 0 = invalid
       normal/<REL>.npy       float32 or float16 (H, W, 3) unit normals in the camera frame x right, y up,
                              z towards the viewer (OpenGL / Marigold; a fronto-parallel wall is (0, 0, 1));
                              (0, 0, 0) marks an invalid pixel
@@ -14,9 +14,10 @@ Layout of a prepared folder (one source per folder)::
       .d3_done/<group>.json  per-scene done markers (resumability only; not part of the data)
 
 ``REL`` is a POSIX relative path without extension (``ai_001_001/cam_00_fr0000``); every raster of a
-sample has the size of its RGB image. Within a sample the RGB file is written last and every file
-is written under a temporary name in its final folder, then ``os.replace``-d: a listed RGB file
-therefore always has all its targets, and an interrupted run never leaves a truncated file.
+sample has the size of its RGB image; ``d3.data.folders.TrainingFolder`` reads the folder. Within a
+sample the RGB file is written last, and every file is written under a temporary name in its final
+folder, then renamed (``d3.io.atomic_write``): a listed RGB file therefore always has all its
+targets, and an interrupted run never leaves a truncated file.
 
 Manifest keys: ``format`` ("d3-plain"), ``version``, ``source`` (hypersim | vkitti | sintel | p3m |
 the pseudo-label source name), ``modalities`` (subset of depth, normal, alpha), ``num_samples``,
@@ -32,7 +33,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +41,14 @@ from typing import Any, BinaryIO, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from d3.io import atomic_write
+
 FORMAT_NAME = "d3-plain"
 FORMAT_VERSION = 1
 MANIFEST = "d3_dataset.json"
 DONE_DIR = ".d3_done"
 RGB_EXTS = (".png", ".jpg", ".jpeg")
 NORMAL_FRAME = "camera: x right, y up, z towards the viewer (OpenGL, as Marigold); invalid = (0,0,0)"
-MODALITIES = ("depth", "normal", "alpha")
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,22 +60,14 @@ _FILE_MODE = 0o666 & ~_UMASK  # mkstemp creates 0600 files; datasets are shared,
 
 
 def _atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write(fileobj)`` to a temporary file beside ``path``, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name starts with "." and ends in ".tmp" so no reader globbing *.png/*.npy sees it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write through ``write(fileobj)`` to a temporary name beside ``path``, then rename it (d3.io.atomic_write)."""
+
+    def write_tmp(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             write(f)
         os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    atomic_write(path, write_tmp)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -93,39 +86,28 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     _atomic(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
-def atomic_save_image(path: Path, array: np.ndarray | Image.Image, fmt: str | None = None, **kw: Any) -> None:
-    """Save uint8 (H, W) / (H, W, 3) or uint16 (H, W) arrays (or a PIL image) losslessly as PNG/JPEG."""
-    if isinstance(array, Image.Image):
-        image = array
-    else:
-        array = np.asarray(array)
-        if array.dtype == np.uint16:
-            if array.ndim != 2:
-                raise ValueError(f"{path}: a uint16 image must be (H, W), got {array.shape}")
-            image = Image.fromarray(array)  # 16-bit greyscale PNG
-        elif array.dtype == np.uint8 and array.ndim in (2, 3):
-            image = Image.fromarray(array)
-        else:
-            raise ValueError(f"{path}: cannot save {array.dtype} {array.shape} as an image")
-    fmt = fmt or {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}[Path(path).suffix.lower()]
-    _atomic(path, lambda f: image.save(f, format=fmt, **kw))
+def atomic_save_png(path: Path, array: np.ndarray) -> None:
+    """uint8 (H, W) / (H, W, 3) or uint16 (H, W) as a lossless PNG."""
+    array = np.ascontiguousarray(array)
+    if not (array.dtype == np.uint8 and array.ndim in (2, 3) or array.dtype == np.uint16 and array.ndim == 2):
+        raise ValueError(f"{path}: cannot save {array.dtype} {array.shape} as a PNG")
+    image = Image.fromarray(array)
+    _atomic(path, lambda f: image.save(f, format="PNG"))
 
 
-def write_value(path: Path, value: Any) -> None:
-    """Write one target: a Path is copied verbatim, bytes as is, arrays by the file's extension."""
+def write_value(path: Path, value: Path | np.ndarray) -> None:
+    """Write one target: a Path is copied verbatim, an array by the file's extension (.npy or .png)."""
     path = Path(path)
     if isinstance(value, Path):
         atomic_copy(value, path)
-    elif isinstance(value, (bytes, bytearray)):
-        atomic_write_bytes(path, bytes(value))
     elif path.suffix == ".npy":
         atomic_save_npy(path, value)
     else:
-        atomic_save_image(path, value)
+        atomic_save_png(path, value)
 
 
 # --------------------------------------------------------------------------------------------
-# Reading (the reference reader of the format; the training datasets can use it directly)
+# Listing
 
 
 def read_manifest(root: Path) -> dict:
@@ -135,14 +117,6 @@ def read_manifest(root: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found; expected a folder written by d3.prepare or d3.pseudo_label") \
             from None
-
-
-def _find(root: Path, kind: str, rel: str, exts: Sequence[str]) -> Path:
-    for ext in exts:
-        p = Path(root) / kind / f"{rel}{ext}"
-        if p.exists():
-            return p
-    raise FileNotFoundError(f"{Path(root) / kind / rel}: no file with extension {'/'.join(exts)}")
 
 
 def list_samples(root: Path) -> list[str]:
@@ -155,30 +129,6 @@ def list_samples(root: Path) -> list[str]:
             if ext.lower() in RGB_EXTS and not name.startswith("."):
                 rels.append(Path(dirpath, stem).relative_to(base).as_posix())
     return sorted(rels)
-
-
-def load_rgb(root: Path, rel: str) -> np.ndarray:
-    with Image.open(_find(root, "rgb", rel, RGB_EXTS)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def load_depth(root: Path, rel: str, manifest: dict | None = None) -> np.ndarray:
-    """Depth as float32 (H, W); 0 = invalid (metres when the manifest's depth_kind is metric)."""
-    path = _find(root, "depth", rel, (".npy", ".png"))
-    if path.suffix == ".npy":
-        return np.load(path).astype(np.float32, copy=False)
-    manifest = manifest or read_manifest(root)
-    with Image.open(path) as im:
-        return np.asarray(im).astype(np.float32) / float(manifest["depth_png_scale"])
-
-
-def load_normal(root: Path, rel: str) -> np.ndarray:
-    return np.load(_find(root, "normal", rel, (".npy",))).astype(np.float32, copy=False)
-
-
-def load_alpha(root: Path, rel: str) -> np.ndarray:
-    with Image.open(_find(root, "alpha", rel, (".png",))) as im:
-        return np.asarray(im.convert("L"))
 
 
 # --------------------------------------------------------------------------------------------

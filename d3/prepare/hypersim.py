@@ -41,7 +41,7 @@ from .common import NORMAL_FRAME, Counts, PlainFolder, Sample, run_conversion
 
 FOCAL_1024 = 886.81  # px, Hypersim's 60 deg horizontal field of view at 1024 px width
 MIN_DEPTH, MAX_DEPTH = 1e-5, 65.0
-DEPTH_PNG_SCALE = 1000.0  # uint16 millimetres
+DEPTH_PNG_SCALE = 0.001  # metres per uint16 unit: millimetres
 SPLIT_CSV = "metadata_images_split_scene_v1.csv"
 
 
@@ -179,7 +179,7 @@ def convert_frame(sample: Sample, src: Path, depth_format: str, normals: bool, n
     depth = planar_depth(distance, f)
     depth[~valid | ~np.isfinite(depth)] = 0.0
     if depth_format == "png":
-        out["depth"] = np.clip(np.round(depth * DEPTH_PNG_SCALE), 0, 65535).astype(np.uint16)
+        out["depth"] = np.clip(np.round(depth / DEPTH_PNG_SCALE), 0, 65535).astype(np.uint16)
     else:
         out["depth"] = depth.astype(np.float32)
     if normals:

@@ -34,7 +34,7 @@ CAMERAS = ("Camera_0", "Camera_1")
 MIN_DEPTH, MAX_DEPTH = 1e-5, 80.0
 SKY = 65535
 KB_H, KB_W = 352, 1216
-DEPTH_PNG_SCALE = 100.0  # uint16 centimetres, as the release (80 m = 8000 fits; millimetres would not)
+DEPTH_PNG_SCALE = 0.01  # metres per uint16 unit: centimetres, as the release (mm would overflow at 65.5 m)
 
 
 def decode_depth(raw: np.ndarray, max_depth: float = MAX_DEPTH) -> np.ndarray:
@@ -86,7 +86,7 @@ def convert_frame(sample: Sample, crop: bool, depth_format: str, max_depth: floa
         depth, rgb = kb_crop(depth), np.ascontiguousarray(kb_crop(rgb))
     out: dict = {"rgb": rgb if crop else rgb_path}
     if depth_format == "png":
-        out["depth"] = np.round(depth * DEPTH_PNG_SCALE).astype(np.uint16)
+        out["depth"] = np.round(depth / DEPTH_PNG_SCALE).astype(np.uint16)
     else:
         out["depth"] = depth
     return out
