@@ -1,0 +1,162 @@
+"""Self-supervised diffusion-prior aggregation (paper §3.2.1, Eq. 2): the D³ objective.
+
+Per batch of B images and N_T expert timesteps:
+- the frozen teacher ("visual experts") sees the B·N_T noisy latents x_t = add_noise(z, ε, t) in ONE no-grad pass;
+- the student sees the clean latent z once per image at its own (learned or fixed) timestep. Its input does not
+  depend on t, so its features are computed once and broadcast over the N_T timesteps; the official code runs the
+  student (and the VAE decoder) on N_T identical copies, which gives the same losses and gradients at N_T times the
+  cost (`tests/official_step.py` keeps that reference and the tests hold the two equal);
+- the projection heads map the student's features into each expert timestep's space and
+  L_agg = Σ_k (1 − mean cosine similarity over batch, timesteps and tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import FeatureCapture
+from .heads import ProjectionHeads
+
+OFFICIAL_STUDENT_TIMESTEP = 261.0
+
+
+def stratified_timesteps(
+    batch_size: int,
+    num_timesteps: int = 3,
+    t_min: int = 1,
+    t_max: int = 999,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """(B, N_T) integer timesteps, one uniform draw per bin of [t_min, t_max): t_k = ⌊t_min + (k+u)(t_max−t_min)/N_T⌋.
+
+    With the defaults these are the official bins ≈ [1,333], [333,666], [666,998].
+    """
+    u = torch.rand(batch_size, num_timesteps, generator=generator, device=generator.device if generator else None)
+    k = torch.arange(num_timesteps, device=u.device, dtype=u.dtype)
+    t = torch.floor(t_min + (k + u) * (t_max - t_min) / num_timesteps).long()
+    return t.to(device) if device is not None else t
+
+
+def tokens(feature: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H·W, C): heads and the cosine act per token over channels."""
+    return feature.flatten(2).transpose(1, 2)
+
+
+@torch.no_grad()
+def expert_features(
+    teacher: nn.Module,
+    capture: FeatureCapture,
+    scheduler,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Teacher features of the B·N_T noisy latents, in one batched forward. Ordered image-major (b·N_T + k)."""
+    b, n = timesteps.shape
+    t = timesteps.reshape(-1)
+    clean = latents.repeat_interleave(n, dim=0)
+    work = torch.promote_types(latents.dtype, torch.float32)  # add noise in ≥ fp32, then cast to the teacher's dtype
+    noisy = scheduler.add_noise(clean.to(work), noise.reshape(clean.shape).to(work), t)
+    dtype = next(teacher.parameters()).dtype
+    cond = prompt_embeds.to(dtype).expand(b * n, -1, -1)
+    teacher(noisy.to(dtype), t, encoder_hidden_states=cond, return_dict=False)
+    return capture.pop()
+
+
+def alignment_loss(
+    heads: ProjectionHeads,
+    student_features: dict[str, torch.Tensor],
+    expert: dict[str, torch.Tensor],
+    timesteps: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_agg and its per-layer terms. Student features (B, C, H, W) are broadcast over the N_T timesteps."""
+    b, n = timesteps.shape
+    t = timesteps.reshape(-1)
+    student_tokens = {}
+    for layer, feat in student_features.items():
+        tok = tokens(feat)
+        student_tokens[layer] = tok.unsqueeze(1).expand(b, n, *tok.shape[1:]).reshape(b * n, *tok.shape[1:])
+    projected = heads(student_tokens, t)
+    per_layer = {}
+    for layer, pred in projected.items():
+        target = tokens(expert[layer]).to(pred.dtype)
+        cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)
+        per_layer[layer] = 1.0 - cos.mean()
+    total = torch.stack(list(per_layer.values())).sum()
+    return total, per_layer
+
+
+@dataclass
+class AlignmentOutput:
+    prediction: torch.Tensor  # the student's output latent (B, 4, h, w): the task's prediction in latent space
+    loss: torch.Tensor  # L_agg
+    per_layer: dict[str, torch.Tensor]
+
+
+class D3Model(nn.Module):
+    """Everything that is trained: the student UNet, its timestep and the projection heads.
+
+    The frozen teacher lives outside (its features are an input), so checkpoints and optimizer state hold only
+    what changes.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        heads: ProjectionHeads,
+        layers: list[str],
+        student_timestep: float = OFFICIAL_STUDENT_TIMESTEP,
+        learn_timestep: bool = True,
+    ):
+        super().__init__()
+        self.student = student
+        self.heads = heads
+        self.layers = list(layers)
+        self.student_timestep = nn.Parameter(torch.tensor(float(student_timestep)), requires_grad=learn_timestep)
+        self.capture = FeatureCapture(student, self.layers)
+
+    def predict(self, latents: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The one-step prediction: clean latent in, task latent out (inference uses exactly this)."""
+        cond = prompt_embeds.to(latents.dtype).expand(latents.shape[0], -1, -1)
+        return self.student(latents, self.student_timestep, encoder_hidden_states=cond, return_dict=False)[0]
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        expert: dict[str, torch.Tensor],
+        timesteps: torch.Tensor,
+    ) -> AlignmentOutput:
+        prediction = self.predict(latents, prompt_embeds)
+        loss, per_layer = alignment_loss(self.heads, self.capture.pop(), expert, timesteps)
+        return AlignmentOutput(prediction, loss, per_layer)
+
+
+def layer_channels(unet: nn.Module, layers: list[str], sample_size: int = 8) -> dict[str, int]:
+    """Channel count of each hooked layer, from one forward pass on meta tensors (no compute, any architecture)."""
+    from .features import feature_shapes
+
+    config = unet.config
+    cross = config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    meta = torch.device("meta")
+    multiple = 2 ** (len(config.block_out_channels) - 1)
+    size = max(sample_size, multiple)
+    sample = torch.empty(1, config.in_channels, size, size, device=meta)
+    cond = torch.empty(1, 4, cross, device=meta)
+    original = next(unet.parameters()).device
+    # A meta copy would duplicate the model; run the real one with meta inputs only if it already is on meta.
+    if original.type != "meta":
+        import copy
+
+        with torch.device(meta):
+            clone = type(unet).from_config(config) if hasattr(type(unet), "from_config") else copy.deepcopy(unet)
+        unet = clone
+    shapes = feature_shapes(unet, layers, sample, torch.tensor([1.0], device=meta), encoder_hidden_states=cond)
+    return {name: shape[1] for name, shape in shapes.items()}

@@ -1,0 +1,311 @@
+"""Training datasets: our plain folder format and the authors' released preprocessed format (PROTOCOLS §5.1).
+
+Plain folder format (written by `d3.prepare`, `d3.pseudo_label`, `d3.data.synthetic`)::
+
+    ROOT/d3_dataset.json        optional: source, depth_png_scale, min_depth, max_depth, depth_kind
+    ROOT/rgb/REL.{png,jpg,...}  (also accepted: images/, blurred_image/, original_image/)
+    ROOT/depth/REL.{npy,png,h5} metres; ≤ 0 = invalid; uint16 PNG × depth_png_scale (default 0.001)
+    ROOT/normal/REL.{npy,png}   unit normals (H,W,3), camera frame x right, y up, z toward the camera; 0 = invalid
+    ROOT/alpha/REL.png          alpha matte (also accepted: mask/, masks/)
+
+Every sample is returned at a fixed square training resolution (squashed, as the official code does, so batches
+stack): "rgb" in [-1, 1], "target" (the task's 3-channel target image in [-1, 1]), "valid" (1,R,R) bool,
+"depth" (1,R,R) metres for depth, "path". Unreadable samples raise `BadSampleError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..io import IMAGE_EXTENSIONS, ImageReadError, load_rgb
+
+MODALITIES = ("depth", "normal", "alpha")
+RGB_DIRS = ("rgb", "images", "blurred_image", "original_image")
+MODALITY_DIRS = {"depth": ("depth",), "normal": ("normal",), "alpha": ("alpha", "mask", "masks")}
+MODALITY_EXTS = {"depth": (".npy", ".png", ".h5"), "normal": (".npy", ".png", ".h5"), "alpha": (".png", ".jpg", ".npy")}
+# Valid depth ranges of the official code's source types (metres).
+SOURCE_DEPTH_RANGE = {"hypersim": (1e-5, 65.0), "vkitti": (1e-5, 80.0), "coco": (1e-5, 80.0)}
+
+
+class BadSampleError(RuntimeError):
+    """A training sample cannot be used; the message names its file(s) and why."""
+
+
+@dataclass
+class DatasetMeta:
+    source: str = "real"
+    depth_png_scale: float = 0.001
+    min_depth: float = 1e-5
+    max_depth: float = 80.0
+    depth_kind: str = "metric"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, root: Path) -> DatasetMeta:
+        path = root / "d3_dataset.json"
+        guess = root.name.lower()
+        source = next((s for s in ("hypersim", "vkitti", "sintel", "p3m", "coco", "synthetic") if s in guess), "real")
+        if source == "real" and "kitti" in guess:
+            source = "vkitti"
+        if not path.exists():
+            lo, hi = SOURCE_DEPTH_RANGE.get(source, (1e-5, 80.0))
+            return cls(source=source, min_depth=lo, max_depth=hi)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        known = {k: data.pop(k) for k in ("source", "depth_png_scale", "min_depth", "max_depth", "depth_kind") if k in data}
+        known.setdefault("source", source)
+        return cls(**known, extra=data)
+
+
+def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    if x.shape[-2:] == (size, size):
+        return x
+    kwargs = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(x[None], size=(size, size), mode=mode, **kwargs)[0]
+
+
+def read_array(path: Path, *, png_scale: float = 1.0, h5_key: str = "depth") -> np.ndarray:
+    """A depth/normal/alpha raster as float32 (H,W) or (H,W,C), from .npy, .h5 or an 8/16-bit PNG."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+    elif suffix == ".h5":
+        with h5py.File(path, "r") as f:
+            if h5_key not in f:
+                raise BadSampleError(f"{path}: no dataset '{h5_key}' (found {list(f.keys())})")
+            arr = f[h5_key][()]
+    else:
+        with Image.open(path) as img:
+            arr = np.asarray(img)
+        arr = arr.astype(np.float64) * png_scale
+    return np.asarray(arr, dtype=np.float32)
+
+
+def _find_sibling(folder: Path, rel: str, exts: tuple[str, ...]) -> Path | None:
+    for ext in exts:
+        candidate = folder / f"{rel}{ext}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+class TrainingFolder(Dataset):
+    """One source of training samples (plain format), resized to `resolution`².
+
+    `encode_target(sample) -> (3,R,R)` is the task recipe's target encoding (e.g. depth normalisation); it is called
+    only when the format does not already provide an encoded target.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        modality: str,
+        resolution: int,
+        encode_target: Callable[[dict], torch.Tensor] | None = None,
+        max_samples: int | None = None,
+        items: list[tuple[Path, Path, Path | None]] | None = None,
+        meta: DatasetMeta | None = None,
+    ):
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        self.root = Path(root)
+        self.modality = modality
+        self.resolution = resolution
+        self.encode_target = encode_target
+        self.meta = meta or DatasetMeta.read(self.root)
+        self.items = items if items is not None else self._discover()
+        if max_samples is not None:
+            self.items = self.items[:max_samples]
+        if not self.items:
+            raise ValueError(f"{self.root}: no training samples found for '{modality}' (see d3/data/folders.py)")
+
+    @property
+    def name(self) -> str:
+        return self.meta.source
+
+    def _discover(self) -> list[tuple[Path, Path, Path | None]]:
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root}: no such dataset folder")
+        rgb_dir = next((self.root / d for d in RGB_DIRS if (self.root / d).is_dir()), None)
+        target_dir = next((self.root / d for d in MODALITY_DIRS[self.modality] if (self.root / d).is_dir()), None)
+        if rgb_dir is None or target_dir is None:
+            raise ValueError(
+                f"{self.root}: expected an image folder ({'/'.join(RGB_DIRS)}) and a "
+                f"{'/'.join(MODALITY_DIRS[self.modality])}/ folder for '{self.modality}'"
+            )
+        items = []
+        for image in sorted(p for p in rgb_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+            rel = str(image.relative_to(rgb_dir).with_suffix(""))
+            # A missing target is kept: it is reported as a bad sample with its path when it is read.
+            target = _find_sibling(target_dir, rel, MODALITY_EXTS[self.modality]) or target_dir / f"{rel}.<missing>"
+            items.append((image, target, None))
+        return items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    def _load_target(self, path: Path, extra: Path | None) -> dict[str, torch.Tensor]:
+        if not path.exists():
+            raise BadSampleError(f"{path}: missing {self.modality} file")
+        if self.modality == "depth":
+            depth = read_array(path, png_scale=self.meta.depth_png_scale if path.suffix == ".png" else 1.0)
+            if depth.ndim == 3:
+                depth = depth[..., 0]
+            return {"depth": torch.from_numpy(depth)[None]}
+        if self.modality == "normal":
+            normal = read_array(path, png_scale=1.0)
+            if path.suffix.lower() == ".png":
+                normal = normal / 65535.0 * 2 - 1
+            if normal.ndim != 3 or normal.shape[-1] != 3:
+                raise BadSampleError(f"{path}: expected normals of shape (H, W, 3), got {normal.shape}")
+            return {"normal": torch.from_numpy(np.ascontiguousarray(normal)).permute(2, 0, 1)}
+        alpha = read_array(path)
+        if alpha.ndim == 3:
+            alpha = alpha[..., 0]
+        top = 1.0 if path.suffix == ".npy" else (65535.0 if alpha.max() > 255 else 255.0)
+        return {"alpha": torch.from_numpy(alpha / top)[None]}
+
+    def _check_finite(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                raise BadSampleError(f"{path}: {name} contains NaN or inf values")
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, target_path, extra = self.items[index]
+        try:
+            rgb = load_rgb(image_path)
+        except ImageReadError as err:
+            raise BadSampleError(str(err)) from None
+        try:
+            raw = self._load_target(target_path, extra)
+        except BadSampleError:
+            raise
+        except Exception as err:
+            raise BadSampleError(f"{target_path}: cannot read ({type(err).__name__}: {err})") from None
+        self._check_finite(raw, target_path)
+        first = next(iter(raw.values()))
+        if first.shape[-2:] != rgb.shape[:2]:
+            raise BadSampleError(
+                f"{target_path}: size {tuple(first.shape[-2:])} does not match its image {image_path} {rgb.shape[:2]}"
+            )
+        size = self.resolution
+        sample: dict = {"path": str(image_path)}
+        rgb_t = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1.0
+        sample["rgb"] = _resize(rgb_t, size, "bilinear").clamp(-1, 1)
+        if "depth" in raw:
+            depth = raw["depth"]
+            valid = (depth > self.meta.min_depth) & (depth < self.meta.max_depth)
+            sample["depth"] = _resize(depth, size, "nearest-exact")
+            sample["valid"] = _resize(valid.float(), size, "nearest-exact") > 0.5
+            sample["depth"] = sample["depth"] * sample["valid"]
+            if "target_image" in raw:  # authors' format: already normalised to [0, 1]
+                sample["target"] = _resize(raw["target_image"], size, "bilinear") * 2 - 1
+        elif "normal" in raw:
+            normal = raw["normal"]
+            valid = normal.norm(dim=0, keepdim=True) > 1e-4
+            resized = _resize(normal, size, "bilinear")
+            sample["valid"] = _resize(valid.float(), size, "nearest-exact") > 0.5
+            sample["target"] = F.normalize(resized, dim=0) * sample["valid"]
+        else:
+            alpha = _resize(raw["alpha"], size, "bilinear").clamp(0, 1)
+            sample["valid"] = torch.ones_like(alpha, dtype=torch.bool)
+            sample["target"] = (alpha * 2 - 1).expand(3, -1, -1).contiguous()
+        if not sample["valid"].any():
+            raise BadSampleError(f"{target_path}: no valid pixel")
+        if "target" not in sample:
+            if self.encode_target is None:
+                raise ValueError("this dataset needs an encode_target function for its raw ground truth")
+            sample["target"] = self.encode_target(sample)
+        return sample
+
+
+class OfficialDepthFolder(TrainingFolder):
+    """The authors' preprocessed depth set: rgb/<stem>.<ext>, depth/<stem>.h5 (normalised [0,1], H×W×3),
+    depth_ori/<stem>.h5 (metric). One instance per source, chosen by file-name prefix as the official loader does."""
+
+    PREFIXES = {"hypersim": ("ai", ".png"), "vkitti": ("Scene", ".jpg"), "coco": ("coco", ".jpg")}
+
+    def _load_target(self, path: Path, extra: Path | None) -> dict[str, torch.Tensor]:
+        for p in (path, extra):
+            if p is None or not p.exists():
+                raise BadSampleError(f"{p}: missing depth file")
+        target = read_array(path, h5_key="depth")
+        if target.ndim == 2:
+            target = np.repeat(target[..., None], 3, axis=2)
+        metric = read_array(extra, h5_key="depth")
+        if metric.ndim == 3:
+            metric = metric[..., 0]
+        return {
+            "depth": torch.from_numpy(metric)[None],
+            "target_image": torch.from_numpy(np.ascontiguousarray(target)).permute(2, 0, 1),
+        }
+
+    @classmethod
+    def sources(cls, root: Path, resolution: int, max_samples: int | None = None, **kw) -> list[TrainingFolder]:
+        found = []
+        images = sorted(p for p in (root / "rgb").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        for source, (prefix, ext) in cls.PREFIXES.items():
+            items = [
+                (p, root / "depth" / f"{p.stem}.h5", root / "depth_ori" / f"{p.stem}.h5")
+                for p in images
+                if p.name.startswith(prefix) and p.suffix.lower() == ext
+            ]
+            if items:
+                lo, hi = SOURCE_DEPTH_RANGE[source]
+                meta = DatasetMeta(source=source, min_depth=lo, max_depth=hi)
+                found.append(cls(root, "depth", resolution, None, max_samples, items=items, meta=meta))
+        return found
+
+
+class OfficialNormalFolder(TrainingFolder):
+    """The authors' normal set: rgb/<stem>.*, normal/<stem>.h5 with key 'depth' (sic) holding H×W×3 normals.
+    Files starting with 'sintel' form the Sintel source, all others Hypersim."""
+
+    def _load_target(self, path: Path, extra: Path | None) -> dict[str, torch.Tensor]:
+        if not path.exists():
+            raise BadSampleError(f"{path}: missing normal file")
+        normal = read_array(path, h5_key="depth")
+        return {"normal": torch.from_numpy(np.ascontiguousarray(normal)).permute(2, 0, 1)}
+
+    @classmethod
+    def sources(cls, root: Path, resolution: int, max_samples: int | None = None, **kw) -> list[TrainingFolder]:
+        images = sorted(p for p in (root / "rgb").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        groups = {"sintel": [p for p in images if p.name.startswith("sintel")]}
+        groups["hypersim"] = [p for p in images if not p.name.startswith("sintel")]
+        return [
+            cls(root, "normal", resolution, None, max_samples,
+                items=[(p, root / "normal" / f"{p.stem}.h5", None) for p in items], meta=DatasetMeta(source=name))
+            for name, items in groups.items()
+            if items
+        ]
+
+
+def open_sources(
+    root: str | Path,
+    modality: str,
+    resolution: int,
+    encode_target: Callable[[dict], torch.Tensor] | None = None,
+    max_samples: int | None = None,
+) -> list[TrainingFolder]:
+    """All training sources in a folder: one for the plain format, one per file-name group for the authors' format."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such dataset folder")
+    if modality == "depth" and (root / "depth_ori").is_dir():
+        return OfficialDepthFolder.sources(root, resolution, max_samples)
+    if modality == "normal" and (root / "normal").is_dir() and any((root / "normal").glob("*.h5")):
+        return OfficialNormalFolder.sources(root, resolution, max_samples)
+    return [TrainingFolder(root, modality, resolution, encode_target, max_samples)]

@@ -1,0 +1,57 @@
+"""Session fixtures: a tiny SD-style backbone and checkpoints built offline, synthetic scenes on disk.
+
+Everything goes through the real loading code (`load_backbone`, `D3Predictor.from_pretrained`), on folders that
+`d3/tiny.py` writes, because no weights can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of waiting on a network that is not there
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory) -> Path:
+    from d3.tiny import build_tiny_backbone
+
+    return build_tiny_backbone(tmp_path_factory.mktemp("tiny-sd") / "backbone")
+
+
+def _checkpoint(tmp_path_factory, backbone: Path, task: str) -> Path:
+    from d3.predictor import predictor_from_backbone
+
+    path = tmp_path_factory.mktemp(f"ckpt-{task}") / task
+    predictor_from_backbone(backbone, task, device="cpu", processing_res=64).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_checkpoint(tmp_path_factory, tiny_backbone_dir) -> Path:
+    return _checkpoint(tmp_path_factory, tiny_backbone_dir, "depth")
+
+
+@pytest.fixture(scope="session")
+def tiny_normal_checkpoint(tmp_path_factory, tiny_backbone_dir) -> Path:
+    return _checkpoint(tmp_path_factory, tiny_backbone_dir, "normal")
+
+
+@pytest.fixture(scope="session")
+def tiny_matting_checkpoint(tmp_path_factory, tiny_backbone_dir) -> Path:
+    return _checkpoint(tmp_path_factory, tiny_backbone_dir, "matting")
+
+
+@pytest.fixture(scope="session")
+def synthetic_train_dir(tmp_path_factory) -> Path:
+    from d3.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "train", 64, 64, 64, seed=0)

@@ -1,0 +1,76 @@
+"""The official code's training step, written out literally (PROTOCOLS §6.1): the oracle for the equivalence tests and
+the baseline of `benchmarks/train_step.py`.
+
+Per image the official code makes N_T copies; every copy runs the frozen expert at its own noisy timestep AND the
+student on the (identical) clean latent, every copy's student output is decoded by the VAE, and the task loss is
+averaged over the copies. It also encodes the target image with the VAE, which it never uses. `d3_step` must give
+the same losses and gradients while running the student and the decoder once per image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from d3.aggregation import D3Model
+from d3.backbone import decode_latent, encode_image
+from d3.training import StepOutput
+
+
+def _repeat(batch: dict, n: int) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            out[key] = value.repeat_interleave(n, dim=0)
+        else:
+            out[key] = [v for v in value for _ in range(n)]
+    return out
+
+
+def official_step(
+    model: D3Model,
+    teacher: torch.nn.Module,
+    teacher_capture,
+    vae,
+    scheduler,
+    batch: dict,
+    prompt_embeds: torch.Tensor,
+    task_loss,
+    weights: dict[str, float],
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    lambda_task: float = 1.0,
+    lambda_align: float = 1.0,
+) -> StepOutput:
+    b, n = timesteps.shape
+    t = timesteps.reshape(-1)
+    with torch.no_grad():
+        latents = encode_image(vae, batch["rgb"]).to(next(model.parameters()).dtype)
+        encode_image(vae, batch["target"])  # the official loop encodes the target too and never uses it
+    copies = latents.repeat_interleave(n, dim=0)
+    cond = prompt_embeds.expand(b * n, -1, -1)
+
+    with torch.no_grad():
+        noisy = scheduler.add_noise(copies, noise.reshape(copies.shape), t)
+        dtype = next(teacher.parameters()).dtype
+        teacher(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)
+        expert = teacher_capture.pop()
+
+    student = model.student
+    prediction = student(copies, model.student_timestep, encoder_hidden_states=cond.to(copies.dtype),
+                         return_dict=False)[0]
+    student_features = model.capture.pop()
+
+    per_layer = {}
+    for layer, feature in student_features.items():
+        tok = feature.flatten(2).transpose(1, 2)  # (B·N, L, C)
+        projected = model.heads({layer: tok}, t)[layer]
+        target = expert[layer].flatten(2).transpose(1, 2)
+        per_layer[layer] = 1.0 - F.cosine_similarity(projected.float(), target.float(), dim=-1).mean()
+    align = sum(per_layer.values())
+
+    decoded = decode_latent(vae, prediction)
+    terms = task_loss(decoded, _repeat(batch, n))
+    task = sum(weights[k] * v for k, v in terms.items())
+    loss = lambda_align * align + lambda_task * task
+    return StepOutput(loss, align, terms, per_layer, decoded[::n])

@@ -1,0 +1,120 @@
+"""Training data: plain folders in every depth encoding, the authors' released format, mixing, target encoding."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_depth
+from d3.data.folders import BadSampleError, TrainingFolder, open_sources
+from d3.data.mixing import MixedBatchSampler, mixing_probabilities, parse_dataset_spec
+
+
+def _write_rgb(path, h=12, w=16, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def test_plain_folder_reads_npy_png_and_h5_depth(tmp_path):
+    depth = np.linspace(1, 5, 12 * 16, dtype=np.float32).reshape(12, 16)
+    depth[0, 0] = 0  # invalid
+    _write_rgb(tmp_path / "rgb" / "a.png")
+    np.save(tmp_path / "depth" / "a.npy", depth) if (tmp_path / "depth").mkdir() is None else None
+    _write_rgb(tmp_path / "rgb" / "sub" / "b.jpg", seed=1)
+    (tmp_path / "depth" / "sub").mkdir()
+    Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(tmp_path / "depth" / "sub" / "b.png")
+    _write_rgb(tmp_path / "rgb" / "c.png", seed=2)
+    with h5py.File(tmp_path / "depth" / "c.h5", "w") as f:
+        f["depth"] = depth
+    (tmp_path / "d3_dataset.json").write_text(json.dumps({"source": "hypersim", "max_depth": 4.0}))
+
+    ds = TrainingFolder(tmp_path, "depth", 16, encode_target=train_depth.encode_depth_target)
+    assert len(ds) == 3 and ds.name == "hypersim"
+    for sample in (ds[0], ds[1], ds[2]):
+        assert sample["rgb"].shape == (3, 16, 16) and -1 <= sample["rgb"].min() and sample["rgb"].max() <= 1
+        assert sample["target"].shape == (3, 16, 16)
+        valid = sample["valid"][0]
+        assert not valid[0, 0]  # depth 0 stays invalid after resizing
+        assert float(sample["depth"][0][valid].max()) < 4.0  # max_depth from d3_dataset.json
+        # uint16 PNG millimetres, .npy and .h5 metres all decode to the same metres
+        torch.testing.assert_close(sample["depth"], ds[0]["depth"], atol=1e-3, rtol=0)
+
+
+def test_bad_samples_name_their_file(tmp_path):
+    _write_rgb(tmp_path / "rgb" / "a.png")
+    (tmp_path / "depth").mkdir()
+    np.save(tmp_path / "depth" / "a.npy", np.full((12, 16), np.nan, np.float32))
+    _write_rgb(tmp_path / "rgb" / "b.png")  # no depth file at all
+    _write_rgb(tmp_path / "rgb" / "c.png")
+    np.save(tmp_path / "depth" / "c.npy", np.zeros((12, 16), np.float32))  # no valid pixel
+    ds = TrainingFolder(tmp_path, "depth", 8, encode_target=train_depth.encode_depth_target)
+    for i, (name, reason) in enumerate([("a.npy", "NaN"), ("b.", "missing"), ("c.npy", "no valid pixel")]):
+        with pytest.raises(BadSampleError, match=reason) as err:
+            ds[i]
+        assert name in str(err.value)
+
+
+def test_authors_depth_format_is_split_by_source(tmp_path):
+    for stem, ext in [("ai_001_001_cam_00_fr0000", ".png"), ("Scene01_x", ".jpg"), ("coco_000001", ".jpg")]:
+        _write_rgb(tmp_path / "rgb" / f"{stem}{ext}")
+        for sub, data in [("depth", np.full((12, 16, 3), 0.5, np.float32)),
+                          ("depth_ori", np.full((12, 16), 70.0, np.float32))]:
+            (tmp_path / sub).mkdir(exist_ok=True)
+            with h5py.File(tmp_path / sub / f"{stem}.h5", "w") as f:
+                f["depth"] = data
+        (tmp_path / f"{stem}.json").write_text('{"caption": "x"}')
+    sources = {s.name: s for s in open_sources(tmp_path, "depth", 8)}
+    assert set(sources) == {"hypersim", "vkitti", "coco"}
+    sample = sources["vkitti"][0]
+    torch.testing.assert_close(sample["target"], torch.zeros(3, 8, 8))  # stored 0.5 in [0, 1] -> 0 in [-1, 1]
+    torch.testing.assert_close(sample["depth"], torch.full((1, 8, 8), 70.0))  # metric depth from depth_ori/
+    assert sample["valid"].all()
+    # 70 m is inside vKITTI's and COCO's 80 m range but beyond Hypersim's 65 m, as in the official loader
+    assert sources["coco"][0]["valid"].all()
+    with pytest.raises(BadSampleError, match="no valid pixel"):
+        sources["hypersim"][0]
+
+
+def test_depth_target_encoding_uses_2_98_quantiles_and_far_for_invalid():
+    depth = torch.arange(1, 101, dtype=torch.float32).view(1, 10, 10)
+    valid = torch.ones_like(depth, dtype=torch.bool)
+    valid[0, 0, 0] = False
+    target = train_depth.encode_depth_target({"depth": depth, "valid": valid})
+    assert target.shape == (3, 10, 10)
+    lo, hi = torch.quantile(depth[valid], torch.tensor([0.02, 0.98]))
+    torch.testing.assert_close(target[0, 5, 5], (depth[0, 5, 5] - lo) / (hi - lo) * 2 - 1)
+    assert float(target[0, 0, 0]) == 1.0  # invalid -> far plane
+    assert float(target.min()) == -1.0 and float(target.max()) == 1.0  # clipped beyond the quantiles
+
+
+def test_mixing_defaults_renormalise_over_the_given_sources():
+    defaults = train_depth.MIXING
+    assert mixing_probabilities(["hypersim", "vkitti", "coco"], [None] * 3, defaults) == pytest.approx([.76, .12, .12])
+    assert mixing_probabilities(["hypersim", "coco"], [None, None], defaults) == pytest.approx([.76 / .88, .12 / .88])
+    assert mixing_probabilities(["hypersim", "coco"], [None, 0.76], defaults) == pytest.approx([0.5, 0.5])
+    assert parse_dataset_spec("/data/hypersim:0.5") == ("/data/hypersim", 0.5)
+    assert parse_dataset_spec("/data/hypersim") == ("/data/hypersim", None)
+
+
+def test_mixed_batches_come_from_one_source_and_replay_exactly():
+    sampler = MixedBatchSampler([10, 30], [0.25, 0.75], batch_size=4, seed=3)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) == first  # a resumed run sees the same batches
+    sampler.set_epoch(3)
+    assert list(sampler) != first
+    assert len(first) == len(sampler) == 2 + 7
+    for batch in first:
+        assert len(batch) == 4 and (all(i < 10 for i in batch) or all(i >= 10 for i in batch))
+    counts = {"a": 0, "b": 0}
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            counts["a" if batch[0] < 10 else "b"] += 1
+    assert 0.2 < counts["a"] / sum(counts.values()) < 0.3
