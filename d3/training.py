@@ -244,8 +244,14 @@ def export_predictor(path: Path, model: D3Model, vae, prompt_embeds: torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------------------ loop
-def train(args: argparse.Namespace, recipe: TaskRecipe) -> Path:
-    """Run training; returns the folder of the exported inference checkpoint."""
+@dataclass
+class TrainResult:
+    output_dir: Path  # the exported inference checkpoint
+    history: list[dict]  # the logged values of every optimizer step of this process (losses, lr, timestep)
+
+
+def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
+    """Run training; returns the exported checkpoint folder and the per-step log."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -330,6 +336,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> Path:
                     disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
     counters = {"bad_samples": 0, "nonfinite": 0, "nonfinite_in_row": 0}
+    history: list[dict] = []
     cycle_nonfinite = False
 
     def save(step: int) -> None:
@@ -409,6 +416,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> Path:
                 logs.update({k: v for k, v in counters.items() if k != "nonfinite_in_row"})
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", t=f"{logs['student_timestep']:.1f}")
                 accelerator.log(logs, step=global_step)
+                history.append({"step": global_step, **logs})
             if global_step % args.checkpointing_steps == 0 or global_step >= args.max_train_steps:
                 save(global_step)
             if global_step >= args.max_train_steps:
@@ -421,7 +429,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> Path:
         if counters["bad_samples"]:
             logger.warning("%d bad samples were skipped (see the warnings above)", counters["bad_samples"])
     accelerator.end_training()
-    return final
+    return TrainResult(final, history)
 
 
 def main(recipe: TaskRecipe, argv: list[str] | None = None, description: str | None = None) -> None:
