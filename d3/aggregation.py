@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import FeatureCapture
+from .features import FeatureCapture, feature_shapes
 from .heads import ProjectionHeads
 
 OFFICIAL_STUDENT_TIMESTEP = 261.0
@@ -140,8 +140,6 @@ class D3Model(nn.Module):
 
 def layer_channels(unet: nn.Module, layers: list[str], sample_size: int = 8) -> dict[str, int]:
     """Channel count of each hooked layer, from one forward pass on meta tensors (no compute, any architecture)."""
-    from .features import feature_shapes
-
     config = unet.config
     cross = config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
@@ -150,13 +148,8 @@ def layer_channels(unet: nn.Module, layers: list[str], sample_size: int = 8) -> 
     size = max(sample_size, multiple)
     sample = torch.empty(1, config.in_channels, size, size, device=meta)
     cond = torch.empty(1, 4, cross, device=meta)
-    original = next(unet.parameters()).device
-    # A meta copy would duplicate the model; run the real one with meta inputs only if it already is on meta.
-    if original.type != "meta":
-        import copy
-
-        with torch.device(meta):
-            clone = type(unet).from_config(config) if hasattr(type(unet), "from_config") else copy.deepcopy(unet)
-        unet = clone
-    shapes = feature_shapes(unet, layers, sample, torch.tensor([1.0], device=meta), encoder_hidden_states=cond)
+    # Shapes come from a weightless copy on the meta device: no compute, no memory, the real model untouched.
+    with torch.device(meta):
+        clone = type(unet).from_config(config)
+    shapes = feature_shapes(clone, layers, sample, torch.tensor([1.0], device=meta), encoder_hidden_states=cond)
     return {name: shape[1] for name, shape in shapes.items()}
