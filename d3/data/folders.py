@@ -93,6 +93,13 @@ def read_array(path: Path, *, png_scale: float = 1.0, h5_key: str = "depth") -> 
     return np.asarray(arr, dtype=np.float32)
 
 
+def _image_full_scale(path: Path) -> float:
+    """The value of a fully opaque pixel: from the file's bit depth, not its content (a mostly empty 16-bit matte
+    must not be read as 8-bit)."""
+    with Image.open(path) as img:
+        return 65535.0 if img.mode in ("I;16", "I;16B", "I;16L", "I") else 255.0
+
+
 def _find_sibling(folder: Path, rel: str, exts: tuple[str, ...]) -> Path | None:
     for ext in exts:
         candidate = folder / f"{rel}{ext}"
@@ -175,7 +182,7 @@ class TrainingFolder(Dataset):
         alpha = read_array(path)
         if alpha.ndim == 3:
             alpha = alpha[..., 0]
-        top = 1.0 if path.suffix == ".npy" else (65535.0 if alpha.max() > 255 else 255.0)
+        top = 1.0 if path.suffix == ".npy" else _image_full_scale(path)
         return {"alpha": torch.from_numpy(alpha / top)[None]}
 
     def _check_finite(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
