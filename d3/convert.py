@@ -1,0 +1,256 @@
+"""The authors' released checkpoints (`depth_checkpoint.pth`, ...) as d3 predictors and checkpoint folders.
+
+    python -m d3.convert depth_checkpoint.pth --output d3-depth-official \
+        --pretrained_model_name_or_path /path/to/stable-diffusion-2-1
+
+The release is the state dict of the whole training module (PROTOCOLS §6.1-6.3, §6.7):
+
+    d3_predictor.<diffusers UNet2DConditionModel key>   the student: the only weights inference needs
+    timestep                                            its learned scalar timestep (bf16: 261 is stored as 260)
+    visual_experts.*  adapters.*  mapping.*  time_emb.*  time_in_proj.*  ae.*
+                                                        teacher, projection heads, their time mapping, frozen VAE
+
+The authors load it with `strict=False`, which silently skips anything misnamed. Here every key must be accounted
+for: a key that is none of the above, or a student weight the file lacks, stops the load with the names listed.
+The VAE and the prompt embedding come from the SD 2.1 base (the release's `ae.*` is that same frozen VAE, cast to
+bf16), so the text encoder is loaded once to embed the task's official prompt and then released.
+
+Inference then follows ours (aspect kept) unless `--official_preprocess` is given to infer.py / evaluate.py: the
+authors' 768x768 squash with plain bilinear resizing both ways. One difference always remains: they encode with a
+*sample* of the VAE posterior, d3 with its mean, so our outputs are deterministic.
+
+Only tensors are read: `torch.load(weights_only=True)` (nothing arbitrary is unpickled) or safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .predictor import PROMPTS, TASKS, CheckpointError, D3Config, D3Predictor
+
+STUDENT_PREFIX = "d3_predictor."
+TIMESTEP_KEYS = ("timestep", STUDENT_PREFIX + "timestep")
+# Training-only parts of the official module; dropped at inference, as the authors' own scripts do.
+IGNORED_PREFIXES = {
+    "visual_experts.": "frozen teacher UNet",
+    "adapters.": "projection heads",
+    "mapping.": "time-conditioning network of the heads",
+    "time_emb.": "Fourier features of the heads' time input",
+    "time_in_proj.": "input projection of the heads' time mapping",
+    "ae.": "frozen VAE (taken from the base model instead)",
+}
+# Containers that DeepSpeed (`module`), Lightning (`state_dict`) and others wrap a state dict in.
+WRAPPER_KEYS = ("module", "state_dict", "model", "model_state_dict")
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+_LISTED = 20  # key names printed per category in an error
+
+
+class OfficialCheckpointError(CheckpointError):
+    """The official file is unreadable, or its keys do not match the student UNet; the message names both."""
+
+
+@dataclass
+class OfficialWeights:
+    """The official state dict sorted out: student UNet weights, timestep, ignored keys (prefix -> count)."""
+
+    unet: dict[str, torch.Tensor]
+    timestep: float | None
+    ignored: dict[str, int] = field(default_factory=dict)
+
+
+def is_official_checkpoint(path: str | Path) -> bool:
+    """A single weights file (ours are folders), so it is read as the authors' release."""
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() in FILE_SUFFIXES
+
+
+def infer_task(path: str | Path, task: str | None = None) -> str:
+    """`task` if given, else the one task named in the file name (or, failing that, its folder's name)."""
+    if task is not None:
+        if task not in TASKS:
+            raise OfficialCheckpointError(f"{path}: task {task!r} is not one of {TASKS}")
+        return task
+    path = Path(path)
+    aliases = {"depth": "depth", "normal": "normal", "matting": "matting", "matte": "matting", "alpha": "matting"}
+    for name in (path.stem, path.parent.name):
+        found = {aliases[m] for m in re.findall("|".join(aliases), name.lower())}
+        if len(found) == 1:
+            return found.pop()
+        if len(found) > 1:
+            raise OfficialCheckpointError(f"{path}: the name mentions several tasks {sorted(found)}; pass --task")
+    raise OfficialCheckpointError(f"{path}: cannot tell the task from the file name; pass --task {'|'.join(TASKS)}")
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):  # e.g. {"module": {...}} or {"state_dict": {...}}
+        if not isinstance(obj, Mapping):
+            break
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not obj:
+        raise OfficialCheckpointError(f"{path}: expected a state dict (name -> tensor), possibly under one of "
+                                      f"{WRAPPER_KEYS}; found {type(obj).__name__}")
+    bad = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise OfficialCheckpointError(f"{path}: entries that are not tensors: {_names(bad)}")
+    state = dict(obj)
+    if all(k.startswith("module.") for k in state):  # saved from a DataParallel / DDP wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor in the file, unwrapped from a DeepSpeed / Lightning container; nothing but tensors is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise OfficialCheckpointError(f"{path}: no such file (expected the authors' .pth checkpoint)")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return _unwrap(load_file(str(path)), path)
+        except OfficialCheckpointError:
+            raise
+        except Exception as err:
+            raise OfficialCheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for truncated files, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OfficialCheckpointError(f"{path}: cannot be read as tensors only (torch.load weights_only=True: "
+                                      f"{first}); expected the authors' state dict") from None
+    return _unwrap(obj, path)
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LISTED])
+    return shown + (f", ... ({len(keys) - _LISTED} more)" if len(keys) > _LISTED else "")
+
+
+def split_official_state_dict(state: Mapping[str, torch.Tensor], unet_reference: Mapping[str, torch.Tensor],
+                              source: str | Path = "checkpoint") -> OfficialWeights:
+    """Sort every key: student weight, timestep, or a known training-only part; anything else is an error.
+
+    `unet_reference` is the state dict of the UNet the student is loaded into (names and shapes to match).
+    """
+    unet: dict[str, torch.Tensor] = {}
+    timesteps: dict[str, torch.Tensor] = {}
+    ignored: dict[str, int] = {}
+    unexpected: list[str] = []
+    for key, value in state.items():
+        if key in TIMESTEP_KEYS:
+            timesteps[key] = value
+        elif key.startswith(STUDENT_PREFIX) and key[len(STUDENT_PREFIX):] in unet_reference:
+            unet[key[len(STUDENT_PREFIX):]] = value
+        elif (prefix := next((p for p in IGNORED_PREFIXES if key.startswith(p)), None)) is not None:
+            ignored[prefix] = ignored.get(prefix, 0) + 1
+        else:
+            unexpected.append(key)
+    missing = sorted(STUDENT_PREFIX + k for k in unet_reference if k not in unet)
+    wrong_shape = sorted(f"{STUDENT_PREFIX}{k} {tuple(v.shape)} (expected {tuple(unet_reference[k].shape)})"
+                         for k, v in unet.items() if v.shape != unet_reference[k].shape)
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (neither '{STUDENT_PREFIX}<UNet key>', 'timestep', nor "
+                        f"one of {sorted(IGNORED_PREFIXES)}): {_names(sorted(unexpected))}")
+    if missing:
+        problems.append(f"{len(missing)} student UNet weights missing: {_names(missing)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} student weights of the wrong shape: {_names(wrong_shape)}")
+    values = {k: float(v.float().reshape(-1)[0]) for k, v in timesteps.items() if v.numel() == 1}
+    if len(values) != len(timesteps):
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in timesteps.items())
+        problems.append(f"the timestep is not a scalar: {shapes}")
+    elif len(set(values.values())) > 1:
+        problems.append(f"two different timesteps {values}")
+    if problems:
+        raise OfficialCheckpointError(f"{source}: does not match the D3 layout against this base UNet:\n  - "
+                                      + "\n  - ".join(problems))
+    return OfficialWeights(unet, next(iter(values.values()), None), ignored)
+
+
+def load_official_predictor(
+    path: str | Path,
+    pretrained_model_name_or_path: str | Path | None = None,
+    task: str | None = None,
+    device=None,
+    dtype=None,
+    student_timestep: float | None = None,
+    processing_res: int = 768,
+    resize_mode: str = "keep_aspect",
+) -> D3Predictor:
+    """The authors' file as a D3Predictor: student UNet from the file, VAE and prompt embedding from the base.
+
+    `student_timestep` overrides the file's (needed only for a file saved without it).
+    """
+    from .backbone import DEFAULT_BASE_MODEL, BackboneLoadError, encode_prompt, load_backbone
+
+    path = Path(path)
+    task = infer_task(path, task)
+    state = read_official_state_dict(path)  # before the (large) base model, so a bad file fails fast
+    base = str(pretrained_model_name_or_path or DEFAULT_BASE_MODEL)
+    try:
+        backbone = load_backbone(base, with_text_encoder=True)
+    except BackboneLoadError as err:
+        raise OfficialCheckpointError(f"{path}: the official checkpoint needs its Stable Diffusion 2.1 base for the "
+                                      f"VAE and prompt ({err})") from None
+    if getattr(backbone, "unet", None) is None:
+        raise OfficialCheckpointError(f"{path}: the release is a Stable Diffusion 2.1 UNet, but {base} has no "
+                                      "UNet; pass the SD 2.1 base with --pretrained_model_name_or_path")
+    prompt = PROMPTS[task]
+    prompt_embeds = encode_prompt(backbone.tokenizer, backbone.text_encoder, prompt)
+    backbone.release_text_encoder()
+    weights = split_official_state_dict(state, backbone.unet.state_dict(), path)
+    del state
+    timestep = student_timestep if student_timestep is not None else weights.timestep
+    if timestep is None:
+        raise OfficialCheckpointError(f"{path}: no learned timestep (looked for {' / '.join(TIMESTEP_KEYS)}); "
+                                      "pass it explicitly (--timestep)")
+    backbone.unet.load_state_dict(weights.unet, strict=True)  # casts the release's bf16 into the fp32 UNet exactly
+    config = D3Config(task=task, student_timestep=float(timestep), prompt=prompt, processing_res=processing_res,
+                      resize_mode=resize_mode, base_model=base)
+    return D3Predictor(backbone.unet, backbone.vae, prompt_embeds, config, device, dtype)
+
+
+def convert(path: str | Path, output: str | Path, pretrained_model_name_or_path: str | Path | None = None,
+            task: str | None = None, student_timestep: float | None = None) -> Path:
+    """Write the official file as our checkpoint folder (fp32 weights: the release's bf16 values, exactly)."""
+    predictor = load_official_predictor(path, pretrained_model_name_or_path, task, device="cpu",
+                                        dtype=torch.float32, student_timestep=student_timestep)
+    return predictor.save_pretrained(output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m d3.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="the authors' .pth (or a .safetensors with the same keys)")
+    p.add_argument("--output", required=True, help="the d3 checkpoint folder to write")
+    p.add_argument("--task", choices=TASKS, default=None, help="default: from the file name")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="Stable Diffusion 2.1 (hub id or local diffusers folder) for the VAE and the prompt "
+                        "embedding (default: stabilityai/stable-diffusion-2-1)")
+    p.add_argument("--timestep", type=float, default=None, help="override the file's learned student timestep")
+    args = p.parse_args(argv)
+    try:
+        out = convert(args.checkpoint, args.output, args.pretrained_model_name_or_path, args.task, args.timestep)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    config = D3Config.read(out)
+    print(f"wrote {config.task} checkpoint (student timestep {config.student_timestep:g}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
