@@ -1,0 +1,55 @@
+"""benchmarks/ run end to end on the tiny backbone at a small size (a smoke test: no timing is asserted, only that
+both sides are measured and reported with their ratio, images/s, peak memory and the device)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import inference, train_step
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """--num_threads 1 as the README's CPU rows use (several threads thrash on a shared CPU); restored after."""
+    threads = torch.get_num_threads()
+    yield ["--num_threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_train_step_benchmark_reports_both_sides(tiny_backbone_dir, tmp_path, capsys, one_thread):
+    out = tmp_path / "train.json"
+    result = train_step.main(["--backbone_dir", str(tiny_backbone_dir), "--resolution", "32", "--batch_size", "1",
+                              "--warmup", "1", "--iterations", "1", "--rounds", "1", "--gradient_checkpointing",
+                              "--json", str(out), *one_thread])
+    printed = capsys.readouterr().out
+    for side in ("ours (d3_step)", "official-style reference"):
+        assert side in printed
+        assert _finite(result[side]["images_per_s"]) and _finite(result[side]["ms_per_image"])
+        assert result[side]["peak_memory_bytes"] is not None
+    assert "speed-up (images/s, ours / reference)" in printed and "peak memory (ours / reference)" in printed
+    assert _finite(result["speedup"]) and math.isfinite(result["memory_ratio"])
+    assert "device: CPU" in printed and "| side | device | precision |" in printed
+    # The counted FLOPs show the reference's extra student and decoder copies.
+    tflop = result["tflop_per_image"]
+    assert tflop["reference"] > 1.5 * tflop["ours"]
+    assert json.loads(out.read_text())["speedup"] == result["speedup"]
+
+
+def test_inference_benchmark_reports_model_only_and_end_to_end(tiny_depth_checkpoint, tmp_path, capsys, one_thread):
+    result = inference.main(["--checkpoint", str(tiny_depth_checkpoint), "--resolution", "64", "--batch_size", "2",
+                             "--num_images", "4", "--warmup", "1", "--json", str(tmp_path / "infer.json"), *one_thread])
+    printed = capsys.readouterr().out
+    model, e2e = "model only (encode + UNet + decode)", "infer.py end to end (JPEG in, files out)"
+    assert model in printed and e2e in printed and "end to end / model only" in printed
+    assert result["written"] == result["images"] == 4  # every JPEG got its outputs
+    assert _finite(result[model]["images_per_s"]) and _finite(result[e2e]["images_per_s"])
+    assert _finite(result["ratio"]) and _finite(result["tflop_per_image"])
+    assert "device: CPU" in printed
