@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None,
                    help="JPEG side and processing resolution (default: 64 tiny, 768 sd21)")
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--num_images", type=int, default=None, help="timed images per side (default: 16 CPU, 256 GPU)")
+    p.add_argument("--num_images", type=int, default=None,
+                   help="images per side and round (default: 16 CPU, 256 GPU)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on a GPU, fp32 on the CPU (as infer.py)")
     p.add_argument("--channels_last", action="store_true")
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--workers", type=int, default=None, help="infer.py reader/writer threads (default: its own)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per side (compilation happens here)")
+    p.add_argument("--rounds", type=int, default=2, help="the sides alternate this many times")
     p.add_argument("--no_flops", action="store_true")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="the device's dense peak for the physical-limit line (default: 790 on an H100)")
@@ -141,30 +143,33 @@ def main(argv: list[str] | None = None) -> dict:
                  "--batch_size", str(batch)] + (["--workers", str(args.workers)] if args.workers else [])
 
         model_meter = PeakMemory(device)
-        time_block(lambda: predictor.predict_tensor(x), max(1, args.warmup), device)
-        with model_meter:
-            model_seconds = time_block(lambda: predictor.predict_tensor(x), n_batches, device)
-
         e2e_meter = PeakMemory(device, model_meter.baseline)
+        time_block(lambda: predictor.predict_tensor(x), max(1, args.warmup), device)
         code = infer.main(["--input", str(work / "warmup"), "--output", str(work / "warmup-out"), *flags],
                           predictor=predictor)
         if code != 0:
             raise SystemExit(f"error: infer.py failed on the warm-up images (exit {code})")
-        with e2e_meter:
-            synchronize(device)
-            start = time.perf_counter()
-            code = infer.main(["--input", str(work / "input"), "--output", str(work / "output"), *flags],
-                              predictor=predictor)
-            synchronize(device)
-            e2e_seconds = time.perf_counter() - start
-        if code != 0:
-            raise SystemExit(f"error: infer.py failed (exit {code})")
-        written = len(list((work / "output").glob(f"*{SUFFIXES[args.task][0]}")))
+        model_seconds = e2e_seconds = 0.0
+        for r in range(args.rounds):  # alternate, so that drift in the machine's load affects both sides alike
+            with model_meter:
+                model_seconds += time_block(lambda: predictor.predict_tensor(x), n_batches, device)
+            output = work / f"output-{r}"
+            with e2e_meter:
+                synchronize(device)
+                start = time.perf_counter()
+                code = infer.main(["--input", str(work / "input"), "--output", str(output), *flags],
+                                  predictor=predictor)
+                synchronize(device)
+                e2e_seconds += time.perf_counter() - start
+            if code != 0:
+                raise SystemExit(f"error: infer.py failed (exit {code})")
+        written = len(list(output.glob(f"*{SUFFIXES[args.task][0]}")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    rows = [Row("model only (encode + UNet + decode)", model_seconds, n_images, model_meter.peak),
-            Row("infer.py end to end (JPEG in, files out)", e2e_seconds, n_images, e2e_meter.peak)]
+    timed = n_images * args.rounds
+    rows = [Row("model only (encode + UNet + decode)", model_seconds, timed, model_meter.peak),
+            Row("infer.py end to end (JPEG in, files out)", e2e_seconds, timed, e2e_meter.peak)]
     ratio = rows[1].images_per_s / rows[0].images_per_s
     ratios = {"end to end / model only (images/s)": f"{ratio:.2f}"}
     extra = [f"model load: {load_seconds:.1f} s (not in the timings)"]
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         "flags": ", ".join(f for f, on in [("channels_last", args.channels_last), ("compile", args.compile)] if on)
         or "none",
         "attention": attention_kind(predictor.unet),
-        "timed": f"{n_images} images per side after {args.warmup} warm-up batches; {written} output sets written",
+        "timed": f"{args.rounds} rounds x {n_images} images per side after {args.warmup} warm-up batches; "
+                 f"{written} output sets written per round",
     }
     print_table("inference", device_text, setting, rows, ratios, model_meter.label, extra)
     result = {r.side: {"ms_per_image": r.ms_per_image, "images_per_s": r.images_per_s,

@@ -108,7 +108,7 @@ class BackgroundWriter:
 class _Prepared:
     path: Path
     key: Any
-    image: np.ndarray
+    image: np.ndarray | None
     x: torch.Tensor
     undo: tuple
 
@@ -178,13 +178,15 @@ def predict_files(
     workers: int | None = None,
     on_written: Callable[[Path], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    needs_image: bool = True,
 ) -> None:
     """Predict every (path, key) job: `read(path)` -> uint8 RGB and pre-processing in reader threads, the model on
     batches of one input size, `write(key, prediction, image)` in writer threads.
 
     Every failure is reported once through `fail(path, reason)` and the other files go on: a file that cannot be
     read or pre-processed, a batch whose prediction fails (its images are retried one by one, so only the image at
-    fault is reported), an output that cannot be written (OSError or ValueError).
+    fault is reported), an output that cannot be written (OSError or ValueError). `needs_image=False` lets the
+    input image go as soon as it is pre-processed (`write` then gets None): only a matting cut-out needs it.
     """
     workers = workers or default_workers()
     batch_size = max(1, batch_size)
@@ -196,7 +198,7 @@ def predict_files(
     def prepare(job):
         image = read(job[0])
         x, undo = predictor.preprocess(image, res, mode)
-        return _Prepared(job[0], job[1], image, x, undo)
+        return _Prepared(job[0], job[1], image if needs_image else None, x, undo)
 
     def launch(members: list[_Prepared], pad: int) -> list[_InFlight]:
         try:
@@ -219,7 +221,7 @@ def predict_files(
     in_flight: list[_InFlight] = []
     with BackgroundWriter(workers, on_done=lambda m: on_written and on_written(m.path),
                           on_error=lambda m, err: fail(m.path, f"cannot write outputs ({err})"),
-                          max_pending=max(8, 2 * batch_size), expected=(OSError, ValueError)) as writer:
+                          max_pending=2 * workers + batch_size, expected=(OSError, ValueError)) as writer:
 
         def run(members: list[_Prepared]) -> None:
             nonlocal in_flight

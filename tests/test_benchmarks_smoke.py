@@ -45,7 +45,8 @@ def test_train_step_benchmark_reports_both_sides(tiny_backbone_dir, tmp_path, ca
 
 def test_inference_benchmark_reports_model_only_and_end_to_end(tiny_depth_checkpoint, tmp_path, capsys, one_thread):
     result = inference.main(["--checkpoint", str(tiny_depth_checkpoint), "--resolution", "64", "--batch_size", "2",
-                             "--num_images", "4", "--warmup", "1", "--json", str(tmp_path / "infer.json"), *one_thread])
+                             "--num_images", "4", "--warmup", "1", "--rounds", "1",
+                             "--json", str(tmp_path / "infer.json"), *one_thread])
     printed = capsys.readouterr().out
     model, e2e = "model only (encode + UNet + decode)", "infer.py end to end (JPEG in, files out)"
     assert model in printed and e2e in printed and "end to end / model only" in printed
