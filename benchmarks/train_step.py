@@ -1,8 +1,8 @@
 """Training-step speed and memory: d3's step against the official-style reference, in one run, same settings.
 
     python benchmarks/train_step.py --backbone tiny --resolution 64 --batch_size 2            # CPU smoke size
-    python benchmarks/train_step.py --backbone sd21 --resolution 768 --batch_size 2 \\
-        --gradient_checkpointing --channels_last --compile                                  # an H100, bf16
+    python benchmarks/train_step.py --backbone sd21 --resolution 768 --batch_size 1 \\
+        --channels_last --compile                                                           # an H100, bf16
 
 Both sides run a full optimizer step (forward under autocast, backward, gradient clipping, AdamW) on the same model,
 optimizer, micro-batch, precision and device:
@@ -13,7 +13,8 @@ optimizer, micro-batch, precision and device:
 Engine settings (bf16 frozen teacher and VAE, fused SDPA, channels_last, torch.compile, TF32, fused AdamW) apply to
 both sides; gradient checkpointing is a memory-for-compute choice of our trainer and applies to ours only unless
 `--reference_gradient_checkpointing`. The `sd21` backbone is SD 2.1-shaped with random weights (built once into
-`--cache_dir`); `--backbone_dir` takes any diffusers SD folder instead, e.g. the real SD 2.1.
+`--cache_dir`); `--backbone_dir` takes any diffusers SD folder instead, e.g. the real SD 2.1. A side that runs out
+of memory is reported as such (at 768² the reference needs about three times our activation memory).
 """
 
 from __future__ import annotations
