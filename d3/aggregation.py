@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .denoisers import Denoiser, as_denoiser
 from .features import FeatureCapture, feature_shapes
 from .heads import ProjectionHeads
 
@@ -49,23 +50,26 @@ def tokens(feature: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_features(
-    teacher: nn.Module,
+    teacher: nn.Module | Denoiser,
     capture: FeatureCapture,
     scheduler,
     latents: torch.Tensor,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor | dict[str, torch.Tensor],
     timesteps: torch.Tensor,
     noise: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Teacher features of the B·N_T noisy latents, in one batched forward. Ordered image-major (b·N_T + k)."""
-    b, n = timesteps.shape
+    """Teacher features of the B·N_T noisy latents, in one batched forward. Ordered image-major (b·N_T + k).
+
+    `teacher` is a diffusers model or its `Denoiser` (which owns the noise: DDPM through `scheduler` for a UNet,
+    flow matching for a DiT); for a DiT, `capture` must come from that Denoiser's `feature_capture`.
+    """
+    teacher = as_denoiser(teacher, scheduler)
+    n = timesteps.shape[1]
     t = timesteps.reshape(-1)
     clean = latents.repeat_interleave(n, dim=0)
     work = torch.promote_types(latents.dtype, torch.float32)  # add noise in ≥ fp32, then cast to the teacher's dtype
-    noisy = scheduler.add_noise(clean.to(work), noise.reshape(clean.shape).to(work), t)
-    dtype = next(teacher.parameters()).dtype
-    cond = prompt_embeds.to(dtype).expand(b * n, -1, -1)
-    teacher(noisy.to(dtype), t, encoder_hidden_states=cond, return_dict=False)
+    noisy = teacher.add_noise(clean.to(work), noise.reshape(clean.shape).to(work), t)
+    teacher(noisy.to(teacher.dtype), t, prompt_embeds)
     return capture.pop()
 
 
@@ -100,31 +104,35 @@ class AlignmentOutput:
 
 
 class D3Model(nn.Module):
-    """Everything that is trained: the student UNet, its timestep and the projection heads.
+    """Everything that is trained: the student (UNet or DiT), its timestep and the projection heads.
 
     The frozen teacher lives outside (its features are an input), so checkpoints and optimizer state hold only
-    what changes.
+    what changes. `student` is the diffusers model (registered as `student`, so parameter names are the model's)
+    or its `Denoiser`; `self.denoiser` makes the architecture-specific calls. `student_timestep=None` takes the
+    architecture's default (261 for the UNet, `d3.denoisers.DIT_STUDENT_TIMESTEP` for a DiT).
     """
 
     def __init__(
         self,
-        student: nn.Module,
+        student: nn.Module | Denoiser,
         heads: ProjectionHeads,
         layers: list[str],
-        student_timestep: float = OFFICIAL_STUDENT_TIMESTEP,
+        student_timestep: float | None = OFFICIAL_STUDENT_TIMESTEP,
         learn_timestep: bool = True,
     ):
         super().__init__()
-        self.student = student
+        self.denoiser = as_denoiser(student)  # a plain attribute: the module is registered once, as `student`
+        self.student = self.denoiser.model
         self.heads = heads
         self.layers = list(layers)
+        if student_timestep is None:
+            student_timestep = self.denoiser.default_student_timestep
         self.student_timestep = nn.Parameter(torch.tensor(float(student_timestep)), requires_grad=learn_timestep)
-        self.capture = FeatureCapture(student, self.layers)
+        self.capture = self.denoiser.feature_capture(self.layers)
 
-    def predict(self, latents: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, prompt_embeds: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         """The one-step prediction: clean latent in, task latent out (inference uses exactly this)."""
-        cond = prompt_embeds.to(latents.dtype).expand(latents.shape[0], -1, -1)
-        return self.student(latents, self.student_timestep, encoder_hidden_states=cond, return_dict=False)[0]
+        return self.denoiser(latents, self.student_timestep, prompt_embeds)
 
     def forward(
         self,
@@ -138,8 +146,13 @@ class D3Model(nn.Module):
         return AlignmentOutput(prediction, loss, per_layer)
 
 
-def layer_channels(unet: nn.Module, layers: list[str], sample_size: int = 8) -> dict[str, int]:
+def layer_channels(unet: nn.Module | Denoiser, layers: list[str], sample_size: int = 8) -> dict[str, int]:
     """Channel count of each hooked layer, from one forward pass on meta tensors (no compute, any architecture)."""
+    if isinstance(unet, Denoiser) or type(unet).__name__ != "UNet2DConditionModel":
+        denoiser = as_denoiser(unet)
+        if denoiser.architecture != "unet":
+            return denoiser.feature_channels(layers)
+        unet = denoiser.model
     config = unet.config
     cross = config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross

@@ -6,6 +6,8 @@ as it would load `stabilityai/stable-diffusion-2-1`.
 
     python -m d3.tiny --output /tmp/tiny-sd            # seconds on a CPU
     python -m d3.tiny --preset sd21 --output /tmp/sd21  # random-init SD 2.1 shapes (~1.3B parameters with CLIP-H)
+    python -m d3.tiny --preset tiny-flux --output /tmp/tiny-flux  # a FLUX.1-dev-shaped pipeline folder, tiny
+    python -m d3.tiny --preset tiny-sd3 --output /tmp/tiny-sd3    # an SD3-shaped one (CLIP-L, CLIP-G, T5)
 """
 
 from __future__ import annotations
@@ -125,13 +127,140 @@ def unet_config(preset: str = "tiny") -> dict:
     return dict(PRESETS[preset]["unet"])
 
 
+# FLUX.1-dev's layout (transformer/ vae/ scheduler/ text_encoder/ tokenizer/ text_encoder_2/ tokenizer_2/) at toy
+# sizes: a 16-channel VAE with Flux's scaling and shift factors (4x downsampling here, 8x in Flux), one double-
+# and three single-stream blocks, guidance embedding on (as in -dev), CLIP pooled (32) + T5 sequence (32 wide).
+# SD3's layout adds a second CLIP (text_encoder_2, both with projections) and moves T5 to text_encoder_3.
+_TINY_DIT_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=16,
+    sample_size=64,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+_TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu")
+DIT_PRESETS: dict[str, dict] = {
+    "tiny-flux": dict(
+        transformer=dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=3,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        vae=dict(_TINY_DIT_VAE, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's factors
+        text=PRESETS["tiny"]["text"],
+        t5=_TINY_T5,
+        t5_max_length=32,
+        # FLUX.1-dev's scheduler config (resolution-dependent shift; d3 keeps it only as the model's record)
+        scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+    ),
+    "tiny-sd3": dict(
+        transformer=dict(
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            num_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=16,
+            pooled_projection_dim=64,
+            out_channels=16,
+            pos_embed_max_size=32,
+        ),
+        vae=dict(_TINY_DIT_VAE, scaling_factor=1.5305, shift_factor=0.0609),  # SD3's factors
+        text=dict(PRESETS["tiny"]["text"], hidden_size=8, intermediate_size=16, num_attention_heads=2),
+        t5=_TINY_T5,
+        t5_max_length=32,
+        scheduler=dict(num_train_timesteps=1000, shift=3.0),
+    ),
+}
+
+
+def _tiny_t5_tokenizer(max_length: int):
+    """A T5 (Unigram) tokenizer from a generated vocabulary: <pad>=0, </s>=1, <unk>=2, then pieces; offline."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def _clip_parts(spec: dict, out: Path, tokenizer_dir: str, encoder_dir: str, projection: bool = False) -> None:
+    from transformers import CLIPTextModelWithProjection
+
+    vocab, merges = _byte_level_vocab()
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(out / tokenizer_dir)
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        **spec,
+    )
+    (CLIPTextModelWithProjection if projection else CLIPTextModel)(text_config).save_pretrained(out / encoder_dir)
+
+
+def build_tiny_dit(output_dir: str | Path, preset: str = "tiny-flux", seed: int = 0) -> Path:
+    """Write a diffusers FLUX.1- or SD3-style folder with random weights (deterministic in `seed`)."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    spec = DIT_PRESETS[preset]
+    flux = preset.endswith("flux")
+    transformer_class = "FluxTransformer2DModel" if flux else "SD3Transformer2DModel"
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    getattr(diffusers, transformer_class)(**spec["transformer"]).save_pretrained(out / "transformer")
+    AutoencoderKL(**spec["vae"]).save_pretrained(out / "vae")
+    diffusers.FlowMatchEulerDiscreteScheduler(**spec["scheduler"]).save_pretrained(out / "scheduler")
+    clip_class = "CLIPTextModel" if flux else "CLIPTextModelWithProjection"
+    _clip_parts(spec["text"], out, "tokenizer", "text_encoder", projection=not flux)
+    index = {"_class_name": "FluxPipeline" if flux else "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
+             "transformer": ["diffusers", transformer_class], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", clip_class], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    if not flux:  # SD3's second CLIP (CLIP-G)
+        _clip_parts(spec["text"], out, "tokenizer_2", "text_encoder_2", projection=True)
+        index.update(text_encoder_2=["transformers", clip_class], tokenizer_2=["transformers", "CLIPTokenizer"])
+    t5_suffix = "_2" if flux else "_3"
+    tokenizer = _tiny_t5_tokenizer(spec["t5_max_length"])
+    tokenizer.save_pretrained(out / f"tokenizer{t5_suffix}")
+    t5 = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **spec["t5"])
+    T5EncoderModel(t5).save_pretrained(out / f"text_encoder{t5_suffix}")
+    index.update({f"text_encoder{t5_suffix}": ["transformers", "T5EncoderModel"],
+                  f"tokenizer{t5_suffix}": ["transformers", "T5TokenizerFast"], "d3_preset": preset})
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
 def build_tiny_backbone(output_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write a diffusers SD-style folder (unet/ vae/ scheduler/ text_encoder/ tokenizer/) with random weights.
 
     Deterministic in `seed`, so every test session builds the same backbone.
     """
+    if preset in DIT_PRESETS:
+        return build_tiny_dit(output_dir, preset, seed)
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS) + sorted(DIT_PRESETS)}")
     spec = PRESETS[preset]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +303,7 @@ def build_tiny_backbone(output_dir: str | Path, preset: str = "tiny", seed: int 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder to write the diffusers backbone into")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS) + sorted(DIT_PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = build_tiny_backbone(args.output, args.preset, args.seed)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from d3.aggregation import D3Model
 from d3.backbone import decode_latent, encode_image
+from d3.denoisers import as_denoiser
 from d3.training import StepOutput
 
 
@@ -48,17 +49,16 @@ def official_step(
         latents = encode_image(vae, batch["rgb"]).to(next(model.parameters()).dtype)
         encode_image(vae, batch["target"])  # the official loop encodes the target too and never uses it
     copies = latents.repeat_interleave(n, dim=0)
-    cond = prompt_embeds.expand(b * n, -1, -1)
+    # The architecture-specific calls (UNet: scheduler.add_noise, UNet(z, t, encoder_hidden_states); DiT: flow
+    # matching, packing, pooled text) go through the same Denoiser adapter as the efficient step.
+    teacher = as_denoiser(teacher, scheduler)
 
     with torch.no_grad():
-        noisy = scheduler.add_noise(copies, noise.reshape(copies.shape), t)
-        dtype = next(teacher.parameters()).dtype
-        teacher(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)
+        noisy = teacher.add_noise(copies, noise.reshape(copies.shape), t)
+        teacher(noisy.to(teacher.dtype), t, prompt_embeds)
         expert = teacher_capture.pop()
 
-    student = model.student
-    prediction = student(copies, model.student_timestep, encoder_hidden_states=cond.to(copies.dtype),
-                         return_dict=False)[0]
+    prediction = model.denoiser(copies, model.student_timestep, prompt_embeds)
     student_features = model.capture.pop()
 
     per_layer = {}
