@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processing_res", type=_processing_res, default=None,
                    help="--checkpoint: processing resolution, an integer (0 = native) or 'protocol' for "
                         "Marigold's per-dataset value (default: the checkpoint's own)")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="--checkpoint with the authors' .pth: the Stable Diffusion 2.1 base (hub id or local folder) "
+                        "for the VAE and the prompt embedding (default: stabilityai/stable-diffusion-2-1)")
+    p.add_argument("--official_preprocess", action="store_true",
+                   help="--checkpoint: the authors' inference resizing (768x768 squash, plain bilinear both ways)")
     p.add_argument("--save_predictions", help="--checkpoint: also write the predictions here (.npy, our naming)")
     p.add_argument("--batch_size", type=int, default=1, help="--checkpoint: images per predictor call")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -71,6 +76,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             pooling=args.pooling, processing_res=args.processing_res, device=args.device,
             allow_invalid=args.allow_invalid, save_predictions=args.save_predictions,
             batch_size=args.batch_size, progress=not args.no_progress,
+            pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+            official_preprocess=args.official_preprocess,
         )
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Predict depth, surface normals or alpha mattes for a folder of images (or one image) in one UNet pass each.
 
     python infer.py --input photos/ --checkpoint d3-depth --output predictions/
+    python infer.py --input photos/ --checkpoint depth_checkpoint.pth --pretrained_model_name_or_path SD21_DIR
 
 Outputs mirror the input folder structure (file names per task: see d3/outputs.py or the README). A file that
 cannot be read is reported with its reason; the others are still processed, and the exit status is non-zero.
@@ -12,30 +13,48 @@ import argparse
 import sys
 from pathlib import Path
 
-from d3.io import ImageReadError, find_images, load_rgb
-from d3.outputs import output_paths, write_outputs
-from d3.predictor import RESIZE_MODES, TASKS, CheckpointError, D3Predictor
+import numpy as np
+
+from d3.io import find_images, load_rgb
+from d3.outputs import SUFFIXES, output_paths, write_outputs
+from d3.predictor import RESIZE_MODES, TASKS, CheckpointError, D3Predictor, load_predictor
+from d3.prefetch import default_workers, predict_files
+
+OUTPUT_SUFFIXES = tuple(suffix for names in SUFFIXES.values() for suffix in names)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
-    p.add_argument("--checkpoint", required=True, help="a d3 checkpoint folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="a d3 checkpoint folder (or its hub id), or the authors' official .pth (converted on load)")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="official .pth only: the Stable Diffusion 2.1 base (hub id or local folder) that supplies "
+                        "the VAE and the prompt embedding (default: stabilityai/stable-diffusion-2-1)")
     p.add_argument("--output", default="d3_predictions", help="output folder (default: ./d3_predictions)")
     p.add_argument("--task", choices=TASKS, default=None, help="default: the checkpoint's task")
     p.add_argument("--processing_res", type=int, default=None,
                    help="long side of the network input (default: the checkpoint's, 768); 0 = native size")
     p.add_argument("--resize_mode", choices=RESIZE_MODES, default=None,
                    help="keep_aspect (default) or squash to a square as the authors' code does")
+    p.add_argument("--official_preprocess", action="store_true",
+                   help="the authors' inference: 768x768 squash, plain bilinear both ways (VAE mean, not a sample)")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="default: bf16/fp16 on a GPU, fp32 on the CPU")
     p.add_argument("--device", default=None, help="default: cuda > mps > cpu")
     p.add_argument("--skip_existing", action="store_true", help="skip images whose outputs all exist already")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="threads that read images ahead and write outputs behind the model (default: %(default)s)")
+    p.add_argument("--channels_last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and VAE: slow first batch per input size, faster after")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) -> int:
+    """Exit status 0 if every image was written, 1 if any failed, 2 on bad arguments. `predictor`: an already
+    loaded model to use instead of --checkpoint (benchmarks/inference.py times the pipeline without the load)."""
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
@@ -43,55 +62,85 @@ def main(argv: list[str] | None = None) -> int:
     if not source.exists():
         print(f"error: {source}: no such file or folder", file=sys.stderr)
         return 2
-    files = find_images(source)
+    root = source if source.is_dir() else source.parent
+    output = Path(args.output)
+    files = [f for f in find_images(source) if not is_previous_output(f, output, root)]
     if not files:
         print(f"error: {source}: no images found (looked for .png .jpg .jpeg .bmp .webp .tif .tiff)", file=sys.stderr)
         return 2
+    if args.official_preprocess and args.resize_mode == "keep_aspect":
+        print("error: --official_preprocess squashes to a square, not --resize_mode keep_aspect", file=sys.stderr)
+        return 2
     try:
-        predictor = D3Predictor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, task=args.task)
+        if predictor is None:
+            predictor = load_predictor(args.checkpoint, device=args.device, dtype=args.dtype, task=args.task,
+                                       pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+                                       official_preprocess=args.official_preprocess)
+            predictor.speed_up(channels_last=args.channels_last, compile=args.compile)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    root = source if source.is_dir() else source.parent
-    output = Path(args.output)
     task = predictor.task
-    todo = []
+    failures: list[tuple[Path, str]] = []
+
+    def fail(f: Path, reason: str) -> None:
+        failures.append((f, reason))
+        tqdm.write(f"failed: {f}: {reason}", file=sys.stderr)
+
+    todo, owner, skipped = [], {}, 0
     for f in files:
         base = output / f.relative_to(root).with_suffix("")
+        if base in owner:  # a.jpg and a.png: the second would overwrite the first one's outputs
+            fail(f, f"its outputs would overwrite those of {owner[base]} (same name without extension); rename one")
+            continue
+        owner[base] = f
         if args.skip_existing and all(p.exists() for p in output_paths(base, task)):
+            skipped += 1
             continue
         todo.append((f, base))
 
-    failures: list[tuple[Path, str]] = []
     written = 0
-    batch_size = max(1, args.batch_size)
+
+    def count_written(_: Path) -> None:
+        nonlocal written
+        written += 1
+
     bar = tqdm(total=len(todo), desc=f"{task}", unit="img")
-    for start in range(0, len(todo), batch_size):
-        chunk, images = [], []
-        for f, base in todo[start : start + batch_size]:
-            try:
-                images.append(load_rgb(f))
-                chunk.append((f, base))
-            except ImageReadError as err:
-                failures.append((f, str(err).split(": ", 1)[-1]))
-        if images:
-            predictions = predictor.predict(images, processing_res=args.processing_res, batch_size=batch_size,
-                                            resize_mode=args.resize_mode)
-            for (f, base), image, pred in zip(chunk, images, predictions):
-                try:
-                    write_outputs(base, task, pred, image)
-                    written += 1
-                except OSError as err:
-                    failures.append((f, f"cannot write outputs ({err})"))
-        bar.update(len(todo[start : start + batch_size]))
+    try:
+        # Reader threads decode ahead and writer threads write behind (every file: temporary name, then rename)
+        # while the model runs on batches of same-size images; each failure is reported and the rest goes on.
+        predict_files(predictor, todo, load_rgb, lambda base, pred, image: write_finite(base, task, pred, image),
+                      fail, processing_res=args.processing_res, resize_mode=args.resize_mode,
+                      batch_size=args.batch_size, workers=args.workers, on_written=count_written,
+                      on_progress=bar.update, needs_image=task == "matting")
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: {written} written, {len(failures)} failed -> {output}; rerun with --skip_existing to "
+              "continue where it stopped", file=sys.stderr)
+        return 130
     bar.close()
 
-    skipped = len(files) - len(todo)
-    for f, reason in failures:
-        print(f"failed: {f}: {reason}", file=sys.stderr)
     print(f"{written} written, {skipped} skipped (already done), {len(failures)} failed -> {output}")
     return 1 if failures else 0
+
+
+def write_finite(base: Path, task: str, prediction: np.ndarray, image: np.ndarray | None) -> None:
+    """Write one image's outputs, unless the prediction holds NaN or inf (a garbage file is worse than none)."""
+    bad = prediction.size - int(np.count_nonzero(np.isfinite(prediction)))
+    if bad:
+        raise ValueError(f"the prediction has {bad} non-finite values, nothing written (with fp16/bf16 try "
+                         "--dtype fp32)")
+    write_outputs(base, task, prediction, image)
+
+
+def is_previous_output(f: Path, output: Path, root: Path) -> bool:
+    """Outputs written inside the input folder are not inputs of the next run."""
+    try:
+        f.resolve().relative_to(output.resolve())
+    except ValueError:
+        return False
+    return output.resolve() != root.resolve() or f.name.endswith(OUTPUT_SUFFIXES)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,17 @@ def read_prediction_file(path: Path) -> np.ndarray:
     raise EvaluationError(f"{path}: unsupported prediction format (expected .npy or .png)")
 
 
+def _read_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str) -> np.ndarray:
+    path = find_prediction(pred_dir, bench, rgb_rel)
+    try:
+        return read_prediction_file(path)
+    except EvaluationError:
+        raise
+    except Exception as e:  # a truncated .npy, a pickled object array, a file that is not a PNG
+        raise EvaluationError(f"{bench.name} sample {rgb_rel}: cannot read prediction {path} "
+                              f"({type(e).__name__}: {e})") from e
+
+
 def conform_prediction(arr: Any, task: str, shape_hw: Sequence[int], what: str) -> np.ndarray:
     """Bring a raw prediction to the task's layout at the GT resolution, or raise naming ``what``.
 
@@ -243,10 +254,13 @@ def make_scorer(bench: Benchmark, device, alignment=None, alignment_max_res=PROT
 # Checkpoint mode
 # ----------------------------------------------------------------------------------------------
 
-def load_predictor(checkpoint: str, device: torch.device):
-    from d3.predictor import D3Predictor  # only the --checkpoint path needs the model code
+def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_or_path: Optional[str] = None,
+                   official_preprocess: bool = False):
+    """A d3 folder (or its hub id) or the authors' .pth, which needs the SD 2.1 base for its VAE and prompt."""
+    from d3.predictor import load_predictor as load  # only the --checkpoint path needs the model code
 
-    return D3Predictor.from_pretrained(checkpoint, device=device)
+    return load(checkpoint, device=device, pretrained_model_name_or_path=pretrained_model_name_or_path,
+                official_preprocess=official_preprocess)
 
 
 def predictor_default_res(predictor) -> Optional[int]:
@@ -348,18 +362,46 @@ def evaluate_benchmark(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(bench), desc=f"Evaluating {bench.name}", disable=not progress, dynamic_ncols=True)
+    skipped_invalid: Dict[str, str] = {}  # sample -> why it could not be scored (--allow_invalid)
+
+    def skip_or_raise(name: str, err: Exception) -> None:
+        """Without --allow_invalid any unusable sample stops the run, naming it; with it, it is counted and listed."""
+        if not allow_invalid:
+            if isinstance(err, EvaluationError):
+                raise err
+            raise EvaluationError(f"{err} (use --allow_invalid to skip and count such samples)") from err
+        skipped_invalid[name] = str(err)
+
     for idx in _batches(len(bench), max(1, batch_size)):
-        samples = [bench[i] for i in idx]
-        if predictor is not None:
+        samples = []
+        for i in idx:
+            try:
+                samples.append(bench[i])
+            except Exception as e:  # GT or RGB that cannot be decoded (the reader's message names the sample)
+                name = bench.entries[i].rgb
+                skip_or_raise(name, e if name in str(e) else EvaluationError(f"{bench.name} sample {name}: {e}"))
+        if predictor is not None and samples:
             with torch.no_grad():
                 raw = _as_list(predictor.predict([s.rgb for s in samples], processing_res=processing_res,
                                                  batch_size=len(samples)), len(samples))
         else:
-            raw = [read_prediction_file(find_prediction(pred_dir, bench, s.name)) for s in samples]
+            raw = []
+            for s in samples:
+                try:
+                    raw.append(_read_prediction(pred_dir, bench, s.name))
+                except EvaluationError as e:
+                    skip_or_raise(s.name, e)
+                    raw.append(None)
         for sample, r in zip(samples, raw):
+            if r is None:
+                continue
             what = f"{bench.name} sample {sample.name}"
-            pred = conform_prediction(r, bench.task, sample.gt.shape[:2], what)
-            pred = invalid.check(pred, what)
+            try:
+                pred = conform_prediction(r, bench.task, sample.gt.shape[:2], what)
+                pred = invalid.check(pred, what)
+            except EvaluationError as e:  # wrong shape or dtype; non-finite values without --allow_invalid
+                skip_or_raise(sample.name, e)
+                continue
             if save_dir is not None:
                 _save_prediction(save_dir, sample.name, pred)
             if not sample.valid.any():
@@ -389,6 +431,7 @@ def evaluate_benchmark(
     summary["data_root"] = str(bench.root)
     summary["split"] = str(bench.split) if bench.split is not None else None
     summary["skipped_without_gt"] = bench.skipped_without_gt
+    summary["skipped_invalid"] = {"count": len(skipped_invalid), "samples": skipped_invalid}
     summary["invalid"] = {"allow_invalid": allow_invalid,
                           "samples_with_nonfinite": invalid.samples_with_nonfinite,
                           "nonfinite_values": invalid.nonfinite_values,
@@ -497,6 +540,17 @@ def format_group_table(group: str, summaries: Dict[str, Dict[str, Any]], label: 
     return f"[{UNITS_NOTE[task]}]\n" + _render([top, sub], [vals])
 
 
+def report_skipped(summary: Dict[str, Any], print_fn=print) -> None:
+    """Name every sample --allow_invalid left out, so a partial average is never mistaken for a full one."""
+    skipped = summary.get("skipped_invalid", {}).get("samples", {})
+    for reason in skipped.values():
+        print_fn(f"skipped: {reason}")
+    nonfinite = summary.get("invalid", {}).get("samples_with_nonfinite", 0)
+    if skipped or nonfinite:
+        print_fn(f"{summary['dataset']}: {len(skipped)} samples skipped as invalid, {nonfinite} with non-finite "
+                 f"values scored as 0; averages over {summary['num_samples']} samples (details in summary.json)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point used by evaluate.py
 # ----------------------------------------------------------------------------------------------
@@ -525,8 +579,10 @@ def run(
         raise FileNotFoundError(f"data root {data_root} does not exist")
     output = Path(output) if output is not None else Path("eval_results") / dataset
     device = resolve_device(kwargs.pop("device", "auto"))
+    base_model = kwargs.pop("pretrained_model_name_or_path", None)  # for an official .pth checkpoint
+    official_preprocess = kwargs.pop("official_preprocess", False)
     if predictor is None and checkpoint is not None:
-        predictor = load_predictor(checkpoint, device)
+        predictor = load_predictor(checkpoint, device, base_model, official_preprocess)
     label = str(checkpoint) if checkpoint is not None else str(predictions)
     save = kwargs.pop("save_predictions", None)
 
@@ -548,6 +604,8 @@ def run(
         if not summaries:
             raise FileNotFoundError(f"{dataset}: none of {', '.join(GROUPS[dataset])} found under {data_root}")
         print_fn(format_group_table(dataset, summaries, label))
+        for s in summaries.values():
+            report_skipped(s, print_fn)
         print_fn(f"per-dataset per_sample.csv and summary.json in {output}/<name>/")
         return summaries
 
@@ -557,5 +615,6 @@ def run(
     summary = evaluate_benchmark(bench, predictions=predictions, predictor=predictor, checkpoint=checkpoint,
                                  output=output, device=device, save_predictions=save, **kwargs)
     print_fn(format_table([summary]))
+    report_skipped(summary, print_fn)
     print_fn(f"per-sample metrics: {output / 'per_sample.csv'}; summary: {output / 'summary.json'}")
     return {dataset: summary}

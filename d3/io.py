@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +14,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class ImageReadError(ValueError):
-    """An input file is not a readable image; the message names the file and the reason."""
+    """An input file is not a readable image; the message names the file and the reason (also as attributes)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -25,11 +30,12 @@ def find_images(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
+def _to_uint8_rgb(img: Image.Image, file_format: str | None = None) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        gray = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        # PNG has no 32-bit integer grey: its mode "I" (older Pillow) is 16-bit data, however dark the picture.
+        sixteen = img.mode.startswith("I;16") or file_format == "PNG" or arr.max() > 255
+        gray = np.clip(np.round(arr / (65535.0 if sixteen else 255.0) * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -40,24 +46,43 @@ def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return np.array(img.convert("RGB"), dtype=np.uint8)
+    if img.mode != "RGB":  # CMYK, YCbCr, grey, palette, 48-bit RGB (read by Pillow as 8-bit RGB)
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8)  # one copy: a 24-megapixel photo is 72 MB per copy
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # a malformed EXIF block does not make the pixels unreadable
+        return 1
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """uint8 (H, W, 3) with EXIF orientation applied; 16-bit, grayscale, palette, CMYK and alpha images converted."""
+    """uint8 (H, W, 3) with EXIF orientation applied; 16-bit, grayscale, palette, CMYK and alpha images converted.
+
+    Raises `ImageReadError` (path and reason) for anything that is not a complete, decodable image: a truncated
+    file, an empty one, a text file with an image extension.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            arr = _to_uint8_rgb(img)
+            img.load()  # decode now: a truncated file fails here, not halfway through a batch
+            file_format = img.format
+            if _exif_orientation(img) not in (0, 1):
+                img = ImageOps.exif_transpose(img)
+            arr = _to_uint8_rgb(img, file_format)
     except FileNotFoundError:
-        raise ImageReadError(f"{path}: no such file") from None
+        raise ImageReadError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a folder, not an image") from None
     except Exception as err:  # PIL raises many types for bad files; all mean "not a readable image"
+        if path.is_file() and path.stat().st_size == 0:
+            raise ImageReadError(path, "empty file (0 bytes)") from None
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ImageReadError(f"{path}: not a readable image ({reason})") from None
+        raise ImageReadError(path, f"not a readable image ({reason})") from None
     if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageReadError(f"{path}: unexpected image shape {arr.shape}")
+        raise ImageReadError(path, f"unexpected image shape {arr.shape}")
     return arr
 
 
@@ -65,9 +90,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary name in the destination folder, then rename: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # Hidden, unique, and ending in .tmp (never taken for an input image). Not mkstemp: the file is created by
+    # `write` with the usual permissions (mkstemp's are owner-only, and the rename would keep them).
+    tmp_path = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
         write(tmp_path)
         os.replace(tmp_path, path)

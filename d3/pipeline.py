@@ -229,7 +229,9 @@ class D3Pipeline(DiffusionPipeline):
 
     @classmethod
     def from_predictor(cls, predictor: D3Predictor) -> D3Pipeline:
-        fields = {k: v for k, v in asdict(predictor.config).items() if k != "format_version"}
+        # (architecture / lora_adapter: this pipeline holds a UNet student, the default "unet" with full weights)
+        fields = {k: v for k, v in asdict(predictor.config).items()
+                  if k not in ("format_version", "architecture", "lora_adapter")}
         return cls(unet=predictor.unet, vae=predictor.vae, prompt_embeds=predictor.prompt_embeds.float().cpu(),
                    **fields)
 

@@ -7,12 +7,18 @@ Checkpoint folder (DESIGN.md)::
     vae/                       diffusers AutoencoderKL (safetensors)
     prompt_embeds.safetensors  the fixed text conditioning ("prompt_embeds")
 
+A DiT checkpoint ("architecture": "flux" | "sd3" in d3_config.json; absent means "unet") has `transformer/` instead
+of `unet/`, and its prompt_embeds.safetensors holds the model's conditioning under the forward's argument names
+("encoder_hidden_states", "pooled_projections", and "guidance" for FLUX.1-dev). A LoRA student saved as an adapter
+has `transformer_lora/` (or `unet_lora/`) instead, named by "lora_adapter", and loads over `base_model`'s weights.
+
 It loads with no text encoder and no network, and only through safetensors (nothing is unpickled).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .backbone import decode_latent, encode_image, unet_size_multiple
+from .backbone import decode_latent, encode_image
 
 FORMAT_VERSION = 1
 TASKS = ("depth", "normal", "matting")
@@ -48,6 +54,8 @@ class D3Config:
     resize_mode: str = "keep_aspect"
     base_model: str = ""
     format_version: int = FORMAT_VERSION
+    architecture: str = "unet"  # "unet" | "flux" | "sd3" (d3.denoisers); older checkpoints have no key: a UNet
+    lora_adapter: str = ""  # "" (full weights in unet/ or transformer/) or the adapter folder over base_model
 
     @classmethod
     def read(cls, path: Path) -> D3Config:
@@ -67,6 +75,10 @@ class D3Config:
             raise CheckpointError(f"{file}: unknown keys {unknown}")
         if "task" not in data:
             raise CheckpointError(f"{file}: no 'task' (expected one of {TASKS})")
+        for f in fields(cls):  # a hand-edited value of the wrong type fails here, naming the key, not later
+            value, kinds = data.get(f.name), {"float": (int, float), "int": (int,), "str": (str,)}[str(f.type)]
+            if f.name in data and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise CheckpointError(f"{file}: {f.name} must be of type {f.type}, got {value!r}")
         config = cls(**data)
         if config.task not in TASKS:
             raise CheckpointError(f"{file}: task {config.task!r} is not one of {TASKS}")
@@ -75,20 +87,70 @@ class D3Config:
         if config.format_version > FORMAT_VERSION:
             raise CheckpointError(f"{file}: format version {config.format_version} is newer than this d3 "
                                   f"({FORMAT_VERSION}); update d3")
+        from .denoisers import ARCHITECTURES
+
+        if config.architecture not in ARCHITECTURES:
+            raise CheckpointError(f"{file}: architecture {config.architecture!r} is not one of {ARCHITECTURES}")
         return config
 
     def write(self, path: Path) -> None:
         (path / "d3_config.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-def save_checkpoint(path: str | Path, unet, vae, prompt_embeds: torch.Tensor, config: D3Config) -> Path:
+def save_checkpoint(path: str | Path, unet, vae, prompt_embeds: torch.Tensor | dict[str, torch.Tensor],
+                    config: D3Config, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint folder. `unet` is the student (a UNet or a DiT, or its Denoiser); its architecture is
+    recorded in the config. A LoRA student is written merged, or as an adapter if `config.lora_adapter` names a
+    folder. `state_dict` (the student's full weights gathered from FSDP shards) replaces the module's own."""
+    from .denoisers import as_denoiser
+    from .lora import has_lora, save_adapter, save_weights
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(path / "unet", safe_serialization=True)
+    denoiser = as_denoiser(unet)
+    model = denoiser.model
+    config.architecture = denoiser.architecture
+    if config.lora_adapter:
+        if not has_lora(model):
+            raise ValueError("config.lora_adapter is set but the student has no LoRA adapter")
+        save_adapter(model, path / config.lora_adapter)
+    elif has_lora(model) or state_dict is not None:
+        save_weights(model, path / denoiser.subfolder, state_dict)
+    else:
+        model.save_pretrained(path / denoiser.subfolder, safe_serialization=True)
     vae.save_pretrained(path / "vae", safe_serialization=True)
-    save_file({"prompt_embeds": prompt_embeds.detach().float().cpu().contiguous()}, str(path / "prompt_embeds.safetensors"))
+    save_file(_condition_tensors(prompt_embeds, denoiser.architecture), str(path / "prompt_embeds.safetensors"))
     config.write(path)
     return path
+
+
+def _condition_tensors(prompt_embeds, architecture: str) -> dict[str, torch.Tensor]:
+    """What prompt_embeds.safetensors holds: "prompt_embeds" for a UNet (the original format), else the dict."""
+    if torch.is_tensor(prompt_embeds):
+        prompt_embeds = {"encoder_hidden_states": prompt_embeds}
+    if architecture == "unet":
+        prompt_embeds = {"prompt_embeds": prompt_embeds["encoder_hidden_states"]}
+    return {k: v.detach().float().cpu().contiguous() for k, v in prompt_embeds.items()}
+
+
+def read_condition(file: Path, architecture: str = "unet") -> torch.Tensor | dict[str, torch.Tensor]:
+    """prompt_embeds.safetensors -> a tensor (UNet) or the DiT's conditioning dict; errors name the file."""
+    from .denoisers import denoiser_class
+
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing (the fixed prompt conditioning)")
+    try:
+        tensors = load_file(str(file))
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from None
+    if architecture == "unet":
+        if "prompt_embeds" not in tensors:
+            raise CheckpointError(f"{file}: no 'prompt_embeds' tensor (found {sorted(tensors)})")
+        return tensors["prompt_embeds"]
+    missing = [k for k in denoiser_class(architecture).condition_keys if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{file}: missing {missing} for a {architecture} checkpoint (found {sorted(tensors)})")
+    return tensors
 
 
 def default_device() -> torch.device:
@@ -118,15 +180,78 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
+def _listed(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
 def _load_model(cls, folder: Path, what: str):
-    if not (folder / "config.json").exists():
-        raise CheckpointError(f"{folder}: missing {what} (expected a diffusers {cls.__name__} folder)")
-    if not any(folder.glob("*.safetensors")):
-        raise CheckpointError(f"{folder}: no .safetensors weights for the {what}")
+    """Strict: every weight of the config present, no stray ones, no shape mismatch; only .safetensors are read."""
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{config_file}: missing; expected a diffusers {cls.__name__} folder for the {what}")
     try:
-        return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
-    except Exception as err:  # diffusers raises several types on mismatching weights
-        raise CheckpointError(f"{folder}: {what} weights do not match its config ({str(err).splitlines()[0]})") from None
+        json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{folder}: no .safetensors weights for the {what} (other formats are not loaded)")
+    where = weights[0] if len(weights) == 1 else folder
+    try:
+        model, info = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False,
+                                          output_loading_info=True)
+    except Exception as err:  # diffusers raises several types on unreadable configs and mismatching weights
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        details = [re.match(r"size mismatch for ([^:]+):.*?Size\((\[.*?\])\).*?Size\((\[.*?\])\)", ln)
+                   for ln in lines[1:]]
+        details = [d for d in details if d]
+        if details:  # torch lists one line per tensor: name the first few
+            name, found, expected = details[0].groups()
+            raise CheckpointError(f"{where}: {what} weights do not match {config_file}: size mismatch for "
+                                  f"{_listed([d.group(1) for d in details])} (first: {found} in the weights, "
+                                  f"{expected} in the config)") from None
+        raise CheckpointError(f"{where}: cannot load the {what} ({lines[0] if lines else type(err).__name__})") from None
+    problems = [f"{kind} keys {_listed(sorted(info.get(key) or []))}"
+                for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"))
+                if info.get(key)]
+    if info.get("mismatched_keys"):
+        problems.append(f"mismatched shapes {_listed([str(m[0]) for m in info['mismatched_keys']])}")
+    if problems:
+        raise CheckpointError(f"{where}: {what} weights do not match {config_file}: {'; '.join(problems)}")
+    return model
+
+
+def _load_student(path: Path, config: D3Config):
+    """The student of a checkpoint: its own weights, or the base model's with the saved LoRA adapter."""
+    from .denoisers import denoiser_class
+
+    cls = denoiser_class(config.architecture)
+    what = "UNet" if config.architecture == "unet" else f"{config.architecture} transformer"
+    if not config.lora_adapter:
+        return _load_model(cls.model_class(), path / cls.subfolder, what)
+    from .lora import load_adapter
+
+    adapter = path / config.lora_adapter
+    if not adapter.is_dir():
+        raise CheckpointError(f"{adapter}: missing (the LoRA adapter named in {path / 'd3_config.json'})")
+    base = Path(config.base_model).expanduser()
+    if not base.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            base = Path(snapshot_download(config.base_model, allow_patterns=[f"{cls.subfolder}/*"]))
+        except Exception as err:
+            raise CheckpointError(f"{path / 'd3_config.json'}: this LoRA checkpoint needs its base model "
+                                  f"{config.base_model!r} (a local folder or a hub id; {type(err).__name__}); "
+                                  "edit base_model to point at a local copy") from None
+    try:
+        model = _load_model(cls.model_class(), base / cls.subfolder, what)
+        return load_adapter(model, adapter)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{adapter}: cannot load the LoRA adapter onto {base / cls.subfolder} ({err})") from None
 
 
 class D3Predictor:
@@ -136,10 +261,41 @@ class D3Predictor:
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(self.device))
+        from .denoisers import as_denoiser
+
+        # `unet` is the student, whichever architecture (the name predates the DiTs); `denoiser` makes its calls.
         self.unet = cast_module(unet, self.device, self.dtype).eval().requires_grad_(False)
         self.vae = cast_module(vae, self.device, self.dtype).eval().requires_grad_(False)
-        self.prompt_embeds = prompt_embeds.to(self.device, self.dtype)
-        self.size_multiple = unet_size_multiple(self.unet, self.vae)
+        self.denoiser = as_denoiser(self.unet)
+        if torch.is_tensor(prompt_embeds):
+            self.prompt_embeds = prompt_embeds.to(self.device, self.dtype)
+        else:
+            self.prompt_embeds = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                                  for k, v in prompt_embeds.items()}
+        self.size_multiple = self.denoiser.size_multiple(self.vae)
+        self.channels_last = False
+        self.compiled = False
+
+    def speed_up(self, channels_last: bool = False, compile: bool = False,
+                 compile_backend: str = "inductor") -> D3Predictor:
+        """Opt-in engine settings; outputs agree with the plain model up to kernel rounding.
+
+        channels_last: NHWC activations (faster convolutions on tensor cores). compile: torch.compile the UNet and
+        the VAE, specialised per input shape; sizes are multiples of `size_multiple`, so each resolution bucket
+        (and batch size) compiles once, the first batch of a bucket being slow, and no new image size recompiles.
+        """
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        if compile:
+            from torch._dynamo import config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            for module in (self.unet, self.vae.encoder, self.vae.decoder):
+                module.compile(backend=compile_backend, dynamic=False)
+            self.compiled = True
+        return self
 
     @property
     def task(self) -> str:
@@ -157,13 +313,17 @@ class D3Predictor:
         if task is not None and task != config.task:
             raise CheckpointError(f"{path / 'd3_config.json'}: this checkpoint predicts {config.task!r}, not {task!r}")
         embeds_file = path / "prompt_embeds.safetensors"
+        if config.architecture != "unet":
+            return cls(_load_student(path, config), _load_model(AutoencoderKL, path / "vae", "VAE"),
+                       read_condition(embeds_file, config.architecture), config, device, dtype)
         if not embeds_file.exists():
             raise CheckpointError(f"{embeds_file}: missing (the fixed prompt conditioning)")
         try:
             prompt_embeds = load_file(str(embeds_file))["prompt_embeds"]
         except Exception as err:
             raise CheckpointError(f"{embeds_file}: unreadable or without 'prompt_embeds' ({err})") from None
-        unet = _load_model(UNet2DConditionModel, path / "unet", "UNet")
+        unet = _load_student(path, config) if config.lora_adapter else _load_model(UNet2DConditionModel,
+                                                                                     path / "unet", "UNet")
         vae = _load_model(AutoencoderKL, path / "vae", "VAE")
         cross = unet.config.cross_attention_dim
         if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != cross:
@@ -179,10 +339,12 @@ class D3Predictor:
     def predict_tensor(self, rgb: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) in [-1,1], H and W multiples of `size_multiple` -> decoded (B,3,H,W), nominally in [-1,1]."""
         rgb = rgb.to(self.device, self.dtype)
+        if self.channels_last:
+            rgb = rgb.contiguous(memory_format=torch.channels_last)
         latents = encode_image(self.vae, rgb)
-        cond = self.prompt_embeds.expand(latents.shape[0], -1, -1)
-        t = torch.tensor(self.config.student_timestep, device=self.device)
-        out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
+        # A fill kernel, not a host-to-device copy: a copy would wait for the previous batch (pipelining, prefetch.py)
+        t = torch.full((), float(self.config.student_timestep), device=self.device)
+        out = self.denoiser(latents.to(self.dtype), t, self.prompt_embeds)
         return decode_latent(self.vae, out).float()
 
     def _processing_size(self, height: int, width: int, processing_res: int, resize_mode: str) -> tuple[int, int]:
@@ -196,9 +358,14 @@ class D3Predictor:
 
     def _to_output(self, decoded: torch.Tensor) -> np.ndarray:
         """Decoded (3,H,W) in [-1,1] -> the task's array (contract in DESIGN.md / README)."""
+        return self._finish(decoded).cpu().numpy().astype(np.float32, copy=False)
+
+    def _finish(self, decoded: torch.Tensor) -> torch.Tensor:
+        """`_to_output` on the decoded tensor's device (so a pipeline can copy it back asynchronously)."""
         if self.task == "normal":
-            return F.normalize(decoded.clamp(-1, 1), dim=0).permute(1, 2, 0).cpu().numpy().astype(np.float32)
-        return (decoded * 0.5 + 0.5).clamp(0, 1).mean(0).cpu().numpy().astype(np.float32)
+            return F.normalize(decoded.clamp(-1, 1), dim=0).permute(1, 2, 0)
+        unit = (decoded * 0.5).add_(0.5).clamp_(0, 1)  # one full-resolution temporary (in place after the first)
+        return unit.mean(0)
 
     def _groups(self, sizes: list[tuple[int, int]], batch_size: int) -> Iterator[list[int]]:
         """Indices batched by identical network input size (so nothing is padded beyond the size multiple)."""
@@ -214,7 +381,8 @@ class D3Predictor:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
         height, width = image.shape[:2]
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1)[None]
+        # In place: for a 24-megapixel photo each full-resolution float copy is 288 MB.
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(127.5).sub_(1)[None]
         h, w = self._processing_size(height, width, processing_res, resize_mode)
         if (h, w) != (height, width):
             antialias = resize_mode != "squash" and h < height  # the official squash uses plain bilinear
@@ -224,15 +392,20 @@ class D3Predictor:
         if ph or pw:
             # Replicated borders: the padding is cropped off again, and replication keeps its statistics neutral.
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        return x[0].clamp(-1, 1), (height, width, h, w)
+        # The squash goes back with plain bilinear too (no antialias), exactly as the authors' code does.
+        return x[0].clamp(-1, 1), (height, width, h, w, resize_mode == "squash")
 
     def postprocess(self, decoded: torch.Tensor, undo: tuple) -> np.ndarray:
-        height, width, h, w = undo
+        return self.postprocess_tensor(decoded, undo).cpu().numpy().astype(np.float32, copy=False)
+
+    def postprocess_tensor(self, decoded: torch.Tensor, undo: tuple) -> torch.Tensor:
+        """`postprocess` without leaving the device (a pipeline copies the result back asynchronously)."""
+        height, width, h, w, plain = undo
         y = decoded[None, :, :h, :w]
         if (h, w) != (height, width):
             y = F.interpolate(y, size=(height, width), mode="bilinear", align_corners=False,
-                              antialias=height < h)
-        return self._to_output(y[0])
+                              antialias=height < h and not plain)
+        return self._finish(y[0])
 
     def predict(
         self,
@@ -262,11 +435,71 @@ class D3Predictor:
 
 def predictor_from_backbone(backbone_path: str | Path, task: str, prompt: str | None = None, device=None,
                             dtype=None, processing_res: int = 768) -> D3Predictor:
-    """An untrained predictor (student = the pretrained UNet): a baseline, and how tests get a checkpoint."""
-    from .backbone import encode_prompt, load_backbone
+    """An untrained predictor (student = the pretrained UNet or DiT): a baseline, and how tests get a checkpoint."""
+    from .backbone import encode_condition, load_backbone
 
     backbone = load_backbone(str(backbone_path))
     prompt = prompt or PROMPTS[task]
-    embeds = encode_prompt(backbone.tokenizer, backbone.text_encoder, prompt)
-    config = D3Config(task=task, prompt=prompt, processing_res=processing_res, base_model=str(backbone_path))
-    return D3Predictor(backbone.unet, backbone.vae, embeds, config, device, dtype)
+    embeds = encode_condition(backbone, prompt)
+    if backbone.architecture == "unet":
+        embeds = embeds["encoder_hidden_states"]
+    denoiser = backbone.denoiser()
+    config = D3Config(task=task, prompt=prompt, processing_res=processing_res, base_model=str(backbone_path),
+                      student_timestep=denoiser.default_student_timestep, architecture=backbone.architecture)
+    return D3Predictor(backbone.model, backbone.vae, embeds, config, device, dtype)
+
+
+OFFICIAL_PROCESSING_RES = 768  # the authors' fixed square network input (PROTOCOLS §6.7)
+
+
+def resolve_checkpoint(name: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint folder or file as it is; an `owner/name` hub id downloaded (and cached) to a folder."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    text = str(name)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, revision=revision))
+        except Exception as err:  # offline, unknown id, gated, ...
+            raise CheckpointError(f"{text}: not a local folder or file, and not downloadable from the Hugging Face "
+                                  f"Hub ({type(err).__name__}); pass a local checkpoint folder") from None
+    raise CheckpointError(f"{path}: no such checkpoint folder or file")
+
+
+def load_predictor(
+    checkpoint: str | Path,
+    *,
+    device=None,
+    dtype=None,
+    task: str | None = None,
+    pretrained_model_name_or_path: str | Path | None = None,
+    official_preprocess: bool = False,
+) -> D3Predictor:
+    """Whatever checkpoint a user holds: our folder (local or a hub id), or the authors' `.pth` release.
+
+    The release is converted on load (`d3.convert`); it needs the SD 2.1 base (`pretrained_model_name_or_path`) for
+    the VAE and the prompt embedding. `official_preprocess` switches the defaults to the authors' inference: a
+    768x768 squash with plain bilinear resizing both ways. Their prompt and channel mean are what every d3 model
+    uses anyway; one difference remains: they *sample* the VAE posterior, d3 takes its mean (deterministic).
+    """
+    import dataclasses
+    import warnings
+
+    path = resolve_checkpoint(checkpoint)
+    if path.is_file():
+        from .convert import load_official_predictor
+
+        predictor = load_official_predictor(path, pretrained_model_name_or_path, task=task, device=device,
+                                            dtype=dtype)
+    else:
+        predictor = D3Predictor.from_pretrained(path, device=device, dtype=dtype, task=task)
+    if official_preprocess:
+        predictor.config = dataclasses.replace(predictor.config, resize_mode="squash",
+                                               processing_res=OFFICIAL_PROCESSING_RES)
+        if predictor.config.prompt and predictor.config.prompt != PROMPTS[predictor.task]:
+            warnings.warn(f"{path}: trained with its own prompt {predictor.config.prompt!r}; its embedding is kept "
+                          "(the official prompt cannot be re-embedded without the text encoder)", stacklevel=2)
+    return predictor

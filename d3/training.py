@@ -20,18 +20,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from .aggregation import D3Model, expert_features, layer_channels, stratified_timesteps
+from .aggregation import D3Model, expert_features
 from .backbone import (
     DEFAULT_BASE_MODEL,
     decode_latent,
+    encode_condition,
     encode_image,
-    encode_prompt,
     load_backbone,
     vae_scale_factor,
 )
+from .denoisers import Denoiser
 from .data.folders import BadSampleError, open_sources
 from .data.mixing import MixedBatchSampler, concat, mixing_probabilities, parse_dataset_spec
-from .features import LAYER_SETS, FeatureCapture, unet_layer_set
+from .features import LAYER_SETS, FeatureCapture
 from .heads import HEAD_TYPES, ProjectionHeads
 from .predictor import cast_module
 
@@ -88,10 +89,13 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
     a("--logging_dir", default="logs")
     # D³ objective
-    a("--layer_set", default="up", help=f"aligned layers: one of {LAYER_SETS} or comma-separated module paths")
+    a("--layer_set", default=None,
+      help=f"aligned layers: UNet {LAYER_SETS} (default up), Flux single|single:N|double|all (default single: the "
+           "last 25 single-stream blocks), SD3 blocks|blocks:N|all, or comma-separated module paths")
     a("--head_type", default="cleandift", choices=HEAD_TYPES, help="projection head (Table 7 ablation)")
     a("--num_timesteps", type=int, default=3, help="expert timesteps per image (stratified over [1, 999])")
-    a("--student_timestep", type=float, default=261.0)
+    a("--student_timestep", type=float, default=None,
+      help="initial student timestep on the 0-1000 scale (default: 261 for a UNet, 420 = 1000·σ for a DiT)")
     a("--freeze_timestep", action="store_true", help="keep the student timestep fixed instead of learning it")
     a("--lambda_task", type=float, default=1.0, help="λ in L = L_agg + λ·L_task")
     a("--lambda_align", type=float, default=1.0, help="weight of L_agg (0 disables the alignment)")
@@ -99,6 +103,21 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
         a(f"--lambda_{term}", type=float, default=weight, help=f"weight of the {term} term in L_task")
     a("--on_bad_sample", default="skip", choices=["skip", "error"])
     a("--max_nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
+    # speed and memory (README, "Performance"); none of these changes the step's mathematics
+    a("--gradient_checkpointing", action="store_true",
+      help="recompute the student UNet's and the VAE decoder's activations in the backward pass (less memory)")
+    a("--channels_last", action="store_true", help="NHWC memory format for the UNets and the VAE")
+    a("--compile", action="store_true", help="torch.compile student, teacher and VAE (one graph per resolution)")
+    a("--allow_tf32", action="store_true", help="TF32 for the fp32 matmuls and convolutions (Ampere and newer)")
+    a("--no_fused_adam", action="store_true", help="the foreach AdamW instead of the fused one on CUDA")
+    # memory for large backbones (FLUX.1-dev: README, "DiT backbones")
+    a("--lora_rank", type=int, default=0,
+      help="train LoRA adapters of this rank on the frozen student (0: full fine-tuning); the teacher then shares "
+           "the student's frozen weights instead of holding a copy")
+    a("--lora_alpha", type=float, default=None, help="LoRA scale numerator (default: the rank, i.e. scale 1)")
+    a("--save_lora_as", default="merged", choices=["merged", "adapter"],
+      help="export a LoRA student merged into full weights, or as the adapter alone (loads over the base model)")
+    a("--use_8bit_adam", action="store_true", help="8-bit AdamW states (bitsandbytes, CUDA only)")
     return p
 
 
@@ -138,6 +157,43 @@ def d3_step(
     task = sum(weights[k] * v for k, v in terms.items())
     loss = lambda_align * out.loss + lambda_task * task
     return StepOutput(loss, out.loss, terms, out.per_layer, prediction)
+
+
+def apply_speed_flags(model: D3Model, teacher: torch.nn.Module, vae, *, gradient_checkpointing: bool = False,
+                      channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor") -> None:
+    """Engine settings that keep the step's mathematics (the equivalence tests run with them).
+
+    Checkpointing trades ~30% more student/decoder compute for activations kept only at block boundaries (the
+    encoder runs under no_grad, so only the decoder is affected). Compilation is shape-specialised (dynamic=False):
+    training has one resolution, so there is one graph per module and batch shape; hooks are registered before.
+    """
+    if gradient_checkpointing:
+        model.student.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    if channels_last:
+        for module in (model.student, teacher, vae):
+            module.to(memory_format=torch.channels_last)
+    if compile:
+        from torch._dynamo import config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        for module in (model.student, teacher, vae.encoder, vae.decoder):
+            module.compile(backend=compile_backend, dynamic=False)
+
+
+def set_tf32(allow: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls (off by default in torch) and convolutions (on by default); without the
+    flag torch's defaults stay."""
+    if allow:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def adamw(params, args, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the run's hyper-parameters; the fused CUDA kernel (one launch for all tensors) unless opted out."""
+    fused = device.type == "cuda" and not getattr(args, "no_fused_adam", False)
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
 
 
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
@@ -192,6 +248,17 @@ class SafeDataset(torch.utils.data.Dataset):
             return str(err)
 
 
+def stop_on_bad_sample(loader):
+    """Iterate a loader; in --on_bad_sample error mode, a bad sample stops the run with one line naming its file."""
+    try:
+        yield from loader
+    except BadSampleError as err:
+        # From a worker process the message carries the worker's traceback; its last line is the cause.
+        cause = str(err).strip().splitlines()[-1].split("BadSampleError: ", 1)[-1]
+        raise SystemExit(f"error: bad training sample: {cause} (--on_bad_sample skip skips and counts such "
+                         "samples)") from None
+
+
 def build_training_data(args, recipe: TaskRecipe):
     specs = args.dataset or recipe.default_datasets
     if not specs:
@@ -230,17 +297,66 @@ def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
     return path
 
 
-def export_predictor(path: Path, model: D3Model, vae, prompt_embeds: torch.Tensor, args, recipe: TaskRecipe) -> None:
+def export_predictor(path: Path, model: D3Model, vae, prompt_embeds, args, recipe: TaskRecipe,
+                     full_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the inference folder. `full_state` is the D3Model's state dict gathered from FSDP shards (else None)."""
     from .predictor import D3Config, save_checkpoint  # noqa: PLC0415 (predictor imports are inference-only)
 
+    timestep = model.student_timestep if full_state is None else full_state["student_timestep"]
+    student_state = None if full_state is None else {
+        k[len("student."):]: v for k, v in full_state.items() if k.startswith("student.")}
+    adapter = getattr(args, "lora_rank", 0) > 0 and getattr(args, "save_lora_as", "merged") == "adapter"
     config = D3Config(
         task=recipe.task,
-        student_timestep=float(model.student_timestep.detach().float()),
+        student_timestep=float(timestep.detach().float()),
         prompt=args.prompt,
         processing_res=args.resolution,
         base_model=str(args.pretrained_model_name_or_path),
+        architecture=model.denoiser.architecture,
+        lora_adapter=f"{model.denoiser.subfolder}_lora" if adapter else "",
     )
-    save_checkpoint(path, model.student, vae, prompt_embeds, config)
+    save_checkpoint(path, model.student, vae, prompt_embeds, config, state_dict=student_state)
+
+
+def gather_for_export(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """Under FSDP the student is sharded: gather its full state dict (a collective: every rank must call this)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def build_student_and_teacher(args, backbone, device, weight_dtype) -> tuple[Denoiser, Denoiser]:
+    """The trainable student and the frozen teacher ("visual experts"), as Denoisers of the backbone's model.
+
+    Full fine-tuning: the student is an fp32 copy, the teacher the original cast to `weight_dtype`. LoRA: one
+    model in `weight_dtype` with fp32 adapters; the teacher is the same model with its adapters switched off.
+    """
+    from .lora import add_lora
+
+    base = backbone.denoiser()
+    if getattr(args, "lora_rank", 0) > 0:
+        model = cast_module(base.model, device, weight_dtype)
+        add_lora(model, args.lora_rank, base.lora_targets, args.lora_alpha)
+        student = type(base)(model.train(), backbone.scheduler)
+        return student, student.without_adapters()
+    student = type(base)(copy.deepcopy(base.model).train(), backbone.scheduler)
+    teacher = type(base)(cast_module(base.model.requires_grad_(False).eval(), device, weight_dtype),
+                         backbone.scheduler)
+    return student, teacher
+
+
+def make_optimizer(params, args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (states in 2 bytes per parameter instead of 8) with --use_8bit_adam."""
+    if not getattr(args, "use_8bit_adam", False):
+        return adamw(params, args, device)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SystemExit("error: --use_8bit_adam needs bitsandbytes and a CUDA GPU (pip install bitsandbytes)") from None
+    return bnb.optim.AdamW8bit(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
 # ------------------------------------------------------------------------------------------------------------ loop
@@ -269,25 +385,33 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(".checkpoint-*"):  # a checkpoint half-written when a run was killed
+            shutil.rmtree(stale, ignore_errors=True)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     try:
         backbone = load_backbone(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
     except Exception as err:
         raise SystemExit(f"error: {err}") from None
-    prompt_embeds = encode_prompt(backbone.tokenizer, backbone.text_encoder, args.prompt)
+    condition = encode_condition(backbone, args.prompt)  # UNet: {"encoder_hidden_states"}; DiT: + pooled, guidance
     backbone.release_text_encoder()
+    prompt_embeds = condition["encoder_hidden_states"] if backbone.architecture == "unet" else condition
 
-    teacher = backbone.unet
-    student = copy.deepcopy(teacher)
-    teacher = cast_module(teacher.requires_grad_(False).eval(), accelerator.device, weight_dtype)
+    student, teacher = build_student_and_teacher(args, backbone, accelerator.device, weight_dtype)
     vae = cast_module(backbone.vae.requires_grad_(False).eval(), accelerator.device, weight_dtype)
-    student.train()
-    layers = unet_layer_set(student, args.layer_set)
-    heads = ProjectionHeads(layer_channels(student, layers), args.head_type)
+    try:
+        layers = student.layer_set(args.layer_set)
+    except ValueError as err:
+        raise SystemExit(f"error: --layer_set: {err}") from None
+    heads = ProjectionHeads(student.feature_channels(layers), args.head_type)
     model = D3Model(student, heads, layers, args.student_timestep, learn_timestep=not args.freeze_timestep)
-    teacher_capture = FeatureCapture(teacher, layers)
-    prompt_embeds = prompt_embeds.to(accelerator.device)
+    # A LoRA teacher is the student's own network: one set of hooks serves both passes (each pass pops its own).
+    teacher_capture = model.capture if teacher.model is student.model else teacher.feature_capture(layers)
+    prompt_embeds = (prompt_embeds.to(accelerator.device) if torch.is_tensor(prompt_embeds)
+                     else {k: v.to(accelerator.device) for k, v in prompt_embeds.items()})
+    set_tf32(args.allow_tf32)
+    apply_speed_flags(model, teacher.model, vae, gradient_checkpointing=args.gradient_checkpointing,
+                      channels_last=args.channels_last, compile=args.compile)
 
     sources, probs, dataset, sampler = build_training_data(args, recipe)
     loader = DataLoader(
@@ -297,15 +421,12 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
         collate_fn=SkippingCollate(),
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
+        # its own generator: a fresh iterator (each epoch, or a resume's skipping loader) draws the workers' base
+        # seed from it, never from the global RNG that accelerate checkpoints, so a resumed run's RNG state is exact
+        generator=torch.Generator(),
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = make_optimizer(params, args, accelerator.device)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -336,6 +457,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                     disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
     counters = {"bad_samples": 0, "nonfinite": 0, "nonfinite_in_row": 0}
+    if resume is not None:  # the logged totals go on across a resume
+        counters.update({k: int(v) for k, v in state.items() if k in counters})
     history: list[dict] = []
     cycle_nonfinite = False
 
@@ -346,13 +469,17 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "training_state"))
+        full_state = gather_for_export(accelerator, model)
         if accelerator.is_main_process:
             (tmp / "training_state" / "trainer_state.json").write_text(
                 json.dumps({"global_step": step, "micro_step": micro_step, **counters}))
-            export_predictor(tmp, unwrapped, vae, prompt_embeds, args, recipe)
-            if final.exists():
-                shutil.rmtree(final)
+            export_predictor(tmp, unwrapped, vae, prompt_embeds, args, recipe, full_state)
+            aside = output_dir / f".checkpoint-{step}.old"
+            if final.exists():  # an existing checkpoint-N is set aside, not deleted, until the new one is in place
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(final, aside)
             os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
             if args.checkpoints_total_limit:
                 for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -361,8 +488,9 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
     while global_step < args.max_train_steps:
         epoch, skip = divmod(micro_step, batches_per_epoch)
         sampler.set_epoch(epoch)
+        loader.generator.manual_seed(args.seed * 100_003 + epoch)  # same worker seeds per epoch, resumed or not
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for item in epoch_loader:
+        for item in stop_on_bad_sample(epoch_loader):
             micro_step += 1
             counters["bad_samples"] += len(item["bad"])
             for message in item["bad"]:
@@ -371,11 +499,13 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
             generator = step_generator(args.seed, micro_step)
             with accelerator.accumulate(model):
                 if batch is not None:
-                    batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                             for k, v in batch.items()}
                     batch = random_hflip(batch, generator, args.hflip_prob, recipe.flip_target)
                     b = batch["rgb"].shape[0]
-                    t = stratified_timesteps(b, args.num_timesteps, generator=generator).to(accelerator.device)
-                    latent_shape = (b, args.num_timesteps, unwrapped.student.config.in_channels,
+                    t = unwrapped.denoiser.sample_timesteps(b, args.num_timesteps, generator=generator)
+                    t = t.to(accelerator.device)
+                    latent_shape = (b, args.num_timesteps, unwrapped.denoiser.latent_channels,
                                     args.resolution // vae_scale_factor(vae), args.resolution // vae_scale_factor(vae))
                     noise = torch.randn(latent_shape, generator=generator).to(accelerator.device)
                     with accelerator.autocast():
@@ -398,7 +528,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                     if cycle_nonfinite:
                         optimizer.zero_grad(set_to_none=True)
                     else:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        # all of the model's parameters: under FSDP accelerate clips only when given exactly those
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                         optimizer.step()
                         lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -424,8 +555,9 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
 
     progress.close()
     final = output_dir
+    full_state = gather_for_export(accelerator, model)
     if accelerator.is_main_process:
-        export_predictor(final, unwrapped, vae, prompt_embeds, args, recipe)
+        export_predictor(final, unwrapped, vae, prompt_embeds, args, recipe, full_state)
         if counters["bad_samples"]:
             logger.warning("%d bad samples were skipped (see the warnings above)", counters["bad_samples"])
     accelerator.end_training()

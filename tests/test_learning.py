@@ -28,7 +28,7 @@ def heldout_absrel(predictor: D3Predictor, scenes) -> float:
 
 
 def test_training_beats_the_untrained_model(tiny_backbone_dir, synthetic_train_dir, tmp_path):
-    scenes = [render_scene(50_000 + i, 64, 64) for i in range(16)]  # never seen in training (seeds 0..63)
+    scenes = [render_scene(50_000 + i, 64, 64) for i in range(16)]  # never seen in training (its scenes use hashed seeds)
     before = heldout_absrel(predictor_from_backbone(tiny_backbone_dir, "depth", device="cpu"), scenes)
     args = build_parser(train_depth.RECIPE).parse_args([
         "--pretrained_model_name_or_path", str(tiny_backbone_dir), "--dataset", str(synthetic_train_dir),

@@ -76,6 +76,34 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return F.interpolate(x[None], size=(size, size), mode=mode, **kwargs)[0]
 
 
+def read_png_exact(path: Path) -> np.ndarray:
+    """An image's samples at their stored bit depth (uint16 for 16-bit colour PNGs such as normal maps).
+
+    Pillow decodes 16-bit colour PNGs to 8 bits by keeping each sample's high byte. Decoding the same stream a second
+    time with the little-endian raw mode keeps the low bytes instead (same bits per pixel, so the same un-filtering
+    and de-interlacing); the two together are the exact 16-bit values.
+    """
+    with Image.open(path) as img:
+        tile = img.tile[0] if img.format == "PNG" and len(img.tile) == 1 else None
+        rawmode = tile[3] if tile is not None else None
+        rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
+        high = np.asarray(img)
+    if rawmode not in ("RGB;16B", "RGBA;16B"):
+        return high
+    with Image.open(path) as img:
+        img.tile = [(tile[0], tile[1], tile[2], rawmode.replace(";16B", ";16L"))]
+        low = np.asarray(img)
+    return high.astype(np.uint16) << 8 | low
+
+
+def png_to_normals(values: np.ndarray) -> np.ndarray:
+    """(n+1)/2 colours of a 16-bit (or 8-bit) PNG -> normals in [-1, 1]; black pixels (all 0) are invalid (DSINE's
+    convention; (0,0,0) is no unit normal's colour). A 16-bit image always has a sample > 255 unless all black."""
+    top = 65535.0 if values.max() > 255 else 255.0
+    invalid = (values == 0).all(axis=-1, keepdims=True)
+    return np.where(invalid, 0.0, values / top * 2 - 1).astype(np.float32)
+
+
 def read_array(path: Path, *, png_scale: float = 1.0, h5_key: str = "depth") -> np.ndarray:
     """A depth/normal/alpha raster as float32 (H,W) or (H,W,C), from .npy, .h5 or an 8/16-bit PNG."""
     suffix = path.suffix.lower()
@@ -87,8 +115,7 @@ def read_array(path: Path, *, png_scale: float = 1.0, h5_key: str = "depth") -> 
                 raise BadSampleError(f"{path}: no dataset '{h5_key}' (found {list(f.keys())})")
             arr = f[h5_key][()]
     else:
-        with Image.open(path) as img:
-            arr = np.asarray(img)
+        arr = read_png_exact(path)
         arr = arr.astype(np.float64) * png_scale
     return np.asarray(arr, dtype=np.float32)
 
@@ -174,10 +201,10 @@ class TrainingFolder(Dataset):
             return {"depth": torch.from_numpy(depth)[None]}
         if self.modality == "normal":
             normal = read_array(path, png_scale=1.0)
-            if path.suffix.lower() == ".png":
-                normal = normal / 65535.0 * 2 - 1
             if normal.ndim != 3 or normal.shape[-1] != 3:
                 raise BadSampleError(f"{path}: expected normals of shape (H, W, 3), got {normal.shape}")
+            if path.suffix.lower() == ".png":
+                normal = png_to_normals(normal)
             return {"normal": torch.from_numpy(np.ascontiguousarray(normal)).permute(2, 0, 1)}
         alpha = read_array(path)
         if alpha.ndim == 3:
