@@ -58,7 +58,7 @@ def matting_scores(predictor: D3Predictor, scenes) -> tuple[float, float]:
     return float(mad), float(contrast)
 
 
-def teach_decoder_maps(backbone: Path, output: Path, steps: int = 150, lr: float = 2e-3) -> Path:
+def teach_decoder_maps(backbone: Path, output: Path, steps: int = 300, lr: float = 2e-3) -> Path:
     """A copy of `backbone` whose VAE decoder has learnt to reconstruct alpha and normal maps from their latents
     (encoder untouched), standing in for SD's pretrained VAE. Held-out scenes are not among its maps."""
     from diffusers import AutoencoderKL
