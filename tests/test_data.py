@@ -118,3 +118,15 @@ def test_mixed_batches_come_from_one_source_and_replay_exactly():
         for batch in sampler:
             counts["a" if batch[0] < 10 else "b"] += 1
     assert 0.2 < counts["a"] / sum(counts.values()) < 0.3
+
+
+def test_source_without_a_d3_dataset_json_is_guessed_from_the_folder_and_its_parent(tmp_path):
+    from d3.data.folders import DatasetMeta
+
+    cases = {"P3M-10k/train": "p3m", "data/hypersim": "hypersim", "vkitti2/train": "vkitti", "photos/train": "real"}
+    for rel, source in cases.items():
+        (tmp_path / rel).mkdir(parents=True)
+        meta = DatasetMeta.read(tmp_path / rel)
+        assert meta.source == source, rel
+    (tmp_path / "data/hypersim/d3_dataset.json").write_text('{"source": "coco"}')  # the file has the last word
+    assert DatasetMeta.read(tmp_path / "data/hypersim").source == "coco"

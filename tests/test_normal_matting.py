@@ -242,12 +242,16 @@ def test_p3m_training_layout_and_image_mask_pairs(tmp_path):
     pairs = tmp_path / "cracks"
     (pairs / "images").mkdir(parents=True)
     (pairs / "masks").mkdir()
-    for name, mask in (("rgbmask", np.repeat(alpha[..., None], 3, 2)), ("mask16", alpha.astype(np.uint16) * 257)):
+    green = np.zeros((24, 40, 3), np.uint8)
+    green[..., 1] = alpha  # a colour annotation: green on black (evaluate.py reads it as foreground too)
+    masks = {"rgbmask": np.repeat(alpha[..., None], 3, 2), "mask16": alpha.astype(np.uint16) * 257, "green": green}
+    for name, mask in masks.items():
         Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(pairs / "images" / f"{name}.jpg")
         Image.fromarray(mask).save(pairs / "masks" / f"{name}.png")
     ds = TrainingFolder(pairs, "alpha", 16)
-    for i in range(2):
-        torch.testing.assert_close(ds[i]["target"], sample["target"])  # RGB, 16-bit and 8-bit masks agree
+    assert len(ds) == len(masks)
+    for i in range(len(masks)):
+        torch.testing.assert_close(ds[i]["target"], sample["target"])  # grey-as-RGB, 16-bit, colour and 8-bit agree
 
 
 # -------------------------------------------------------------------------------------------------------- losses

@@ -53,7 +53,7 @@ class DatasetMeta:
     @classmethod
     def read(cls, root: Path) -> DatasetMeta:
         path = root / "d3_dataset.json"
-        guess = root.name.lower()
+        guess = "/".join(root.resolve().parts[-2:]).lower()  # the folder and its parent: P3M-10k/train is p3m
         source = next((s for s in ("hypersim", "vkitti", "sintel", "p3m", "coco", "synthetic") if s in guess), "real")
         if source == "real" and "kitti" in guess:
             source = "vkitti"
@@ -207,8 +207,8 @@ class TrainingFolder(Dataset):
                 normal = png_to_normals(normal)
             return {"normal": torch.from_numpy(np.ascontiguousarray(normal)).permute(2, 0, 1)}
         alpha = read_array(path)
-        if alpha.ndim == 3:
-            alpha = alpha[..., 0]
+        if alpha.ndim == 3:  # a colour mask: its brightest channel (as evaluate.py reads masks); grey + alpha: the grey
+            alpha = alpha[..., :3].max(-1) if alpha.shape[-1] >= 3 else alpha[..., 0]
         top = 1.0 if path.suffix == ".npy" else _image_full_scale(path)
         return {"alpha": torch.from_numpy(alpha / top)[None]}
 
