@@ -30,7 +30,9 @@ def find_images(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _to_uint8_rgb(img: Image.Image, file_format: str | None = None) -> np.ndarray:
+def to_uint8_rgb(img: Image.Image, file_format: str | None = None) -> np.ndarray:
+    """An opened Pillow image of any mode (16-bit grey, float, CMYK, palette, alpha, ...) as (H, W, 3) uint8 RGB;
+    shared by `load_rgb` and `D3Pipeline` so files and in-memory images convert the same way."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         # PNG has no 32-bit integer grey: its mode "I" (older Pillow) is 16-bit data, however dark the picture.
@@ -71,7 +73,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
             file_format = img.format
             if _exif_orientation(img) not in (0, 1):
                 img = ImageOps.exif_transpose(img)
-            arr = _to_uint8_rgb(img, file_format)
+            arr = to_uint8_rgb(img, file_format)
     except FileNotFoundError:
         raise ImageReadError(path, "no such file") from None
     except IsADirectoryError:

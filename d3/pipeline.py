@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from safetensors.torch import load_file, save_file
 
-from .io import load_rgb
+from .io import load_rgb, to_uint8_rgb
 from .outputs import colorize_depth, normal_to_rgb, to_uint16
 from .predictor import (
     PROMPTS,
@@ -81,14 +81,12 @@ def _as_images(item: Any, what: str = "image") -> list[np.ndarray]:
     """uint8 (H, W, 3) arrays, read the way infer.py reads files (EXIF orientation, alpha on white, 16-bit, ...)."""
     from PIL import ImageOps
 
-    from .io import _to_uint8_rgb
-
     if isinstance(item, (list, tuple)):
         return [img for i, x in enumerate(item) for img in _as_images(x, f"{what}[{i}]")]
     if isinstance(item, (str, os.PathLike)):
         return [load_rgb(item)]
     if isinstance(item, PIL.Image.Image):
-        return [_to_uint8_rgb(ImageOps.exif_transpose(item))]
+        return [to_uint8_rgb(ImageOps.exif_transpose(item))]
     if torch.is_tensor(item):
         t = item.detach().cpu()
         t = t[None] if t.ndim == 3 else t
