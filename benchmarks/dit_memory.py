@@ -50,18 +50,9 @@ FSDP_CONFIG = ROOT / "configs" / "fsdp_flux.yaml"
 BNB_MIN_8BIT_SIZE = 4096  # tensors with fewer elements keep fp32 states
 BNB_BLOCKSIZE = 256  # elements per fp32 absmax of the block-wise quantisation (current releases; 2048 in old ones)
 
-# A "FLUX.1"/"SD3" VAE: SD's AutoencoderKL with 16 latent channels and no quant convs (both models' published config).
-DIT_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=16,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
+# A "FLUX.1"/"SD3" VAE: SD 2.1's AutoencoderKL (d3/tiny.py's sd21 preset) with 16 latent channels and no quant convs
+# (both models' published config; sample size and scaling factors do not change the parameter count).
+DIT_VAE_OVERRIDES = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
 # stabilityai/stable-diffusion-3-medium's transformer/config.json (every argument is accepted by diffusers 0.42).
 SD3_MEDIUM = dict(
     sample_size=128,
@@ -166,10 +157,10 @@ def meta_backbone(backbone: str):
     with torch.device("meta"):
         if backbone == "flux-dev":
             denoiser = FluxDenoiser(diffusers.FluxTransformer2DModel(guidance_embeds=True))
-            vae = diffusers.AutoencoderKL(**DIT_VAE)
+            vae = diffusers.AutoencoderKL(**{**PRESETS["sd21"]["vae"], **DIT_VAE_OVERRIDES})
         elif backbone == "sd3-medium":
             denoiser = SD3Denoiser(diffusers.SD3Transformer2DModel(**SD3_MEDIUM))
-            vae = diffusers.AutoencoderKL(**DIT_VAE)
+            vae = diffusers.AutoencoderKL(**{**PRESETS["sd21"]["vae"], **DIT_VAE_OVERRIDES})
         elif backbone == "sd21":
             denoiser = UNetDenoiser(diffusers.UNet2DConditionModel(**unet_config("sd21")))
             vae = diffusers.AutoencoderKL(**PRESETS["sd21"]["vae"])
