@@ -171,9 +171,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a model, casting only when the dtype really changes (diffusers warns on every `.to(dtype)`)."""
+    """Move a model, casting only when the dtype really changes.
+
+    diffusers' `ModelMixin.to(dtype)` warns about "modules that should be kept in float32" on every cast, even when
+    the model lists none (diffusers 0.42 tests the list against None, never empty): such a model is cast by torch's
+    own `Module.to`, which is what diffusers then does anyway, so users do not see a false warning on every run.
+    """
     module = module.to(device)
-    return module if next(module.parameters()).dtype == dtype else module.to(dtype)
+    if next(module.parameters()).dtype == dtype:
+        return module
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(dtype)  # diffusers keeps those modules in fp32
+    return torch.nn.Module.to(module, dtype)
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
