@@ -7,28 +7,25 @@ import json
 import math
 
 import pytest
-import torch
 
 from benchmarks import inference, train_step
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """--num_threads 1 as the README's CPU rows use (several threads thrash on a shared CPU); restored after."""
-    threads = torch.get_num_threads()
-    yield ["--num_threads", "1"]
-    torch.set_num_threads(threads)
+def thread_flags(one_thread):
+    """--num_threads 1 as the README's CPU rows use (the benchmark sets it; conftest's one_thread restores it)."""
+    return ["--num_threads", "1"]
 
 
 def _finite(x) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
-def test_train_step_benchmark_reports_both_sides(tiny_backbone_dir, tmp_path, capsys, one_thread):
+def test_train_step_benchmark_reports_both_sides(tiny_backbone_dir, tmp_path, capsys, thread_flags):
     out = tmp_path / "train.json"
     result = train_step.main(["--backbone_dir", str(tiny_backbone_dir), "--resolution", "32", "--batch_size", "1",
                               "--warmup", "1", "--iterations", "1", "--rounds", "1", "--gradient_checkpointing",
-                              "--json", str(out), *one_thread])
+                              "--json", str(out), *thread_flags])
     printed = capsys.readouterr().out
     for side in ("ours (d3_step)", "official-style reference"):
         assert side in printed
@@ -43,10 +40,10 @@ def test_train_step_benchmark_reports_both_sides(tiny_backbone_dir, tmp_path, ca
     assert json.loads(out.read_text())["speedup"] == result["speedup"]
 
 
-def test_inference_benchmark_reports_model_only_and_end_to_end(tiny_depth_checkpoint, tmp_path, capsys, one_thread):
+def test_inference_benchmark_reports_model_only_and_end_to_end(tiny_depth_checkpoint, tmp_path, capsys, thread_flags):
     result = inference.main(["--checkpoint", str(tiny_depth_checkpoint), "--resolution", "64", "--batch_size", "2",
                              "--num_images", "4", "--warmup", "1", "--rounds", "1",
-                             "--json", str(tmp_path / "infer.json"), *one_thread])
+                             "--json", str(tmp_path / "infer.json"), *thread_flags])
     printed = capsys.readouterr().out
     model, e2e = "model only (encode + UNet + decode)", "infer.py end to end (JPEG in, files out)"
     assert model in printed and e2e in printed and "end to end / model only" in printed

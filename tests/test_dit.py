@@ -47,16 +47,6 @@ def tiny_sd3_dir(tmp_path_factory) -> Path:
     return build_tiny_backbone(tmp_path_factory.mktemp("tiny-sd3") / "backbone", preset="tiny-sd3")
 
 
-@pytest.fixture
-def one_thread():
-    """Training tests on one intra-op thread: on a shared, oversubscribed CPU two threads wait on each other and a
-    tiny-model step is measured 3-6x slower than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _flux_meta(**config) -> FluxDenoiser:
     from diffusers import FluxTransformer2DModel
 

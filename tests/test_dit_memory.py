@@ -18,12 +18,7 @@ from benchmarks import dit_memory as dm
 from benchmarks.dit_memory import Counts, Part
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_flux_dev_count_is_the_meta_models():

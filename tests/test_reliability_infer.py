@@ -109,14 +109,7 @@ def make_messy_folder(folder: Path) -> dict:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}  # the CPU is shared: no spinning threads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # -- reading: each awkward kind of file, exact values --------------------------------------------------------------

@@ -46,13 +46,7 @@ def drive(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread here and in the driven processes: on a shared CPU, two spinning threads per process cost up to 8x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ from tests.test_equivalence import depth_batch, rel_err
 REL_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Several intra-op threads per process thrash on a shared CPU; restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
