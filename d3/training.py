@@ -189,11 +189,15 @@ def set_tf32(allow: bool) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def adam_hyperparameters(args) -> dict:
+    return dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                eps=args.adam_epsilon)
+
+
 def adamw(params, args, device: torch.device) -> torch.optim.AdamW:
     """AdamW with the run's hyper-parameters; the fused CUDA kernel (one launch for all tensors) unless opted out."""
     fused = device.type == "cuda" and not getattr(args, "no_fused_adam", False)
-    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
+    return torch.optim.AdamW(params, **adam_hyperparameters(args), fused=fused or None)
 
 
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
@@ -285,6 +289,20 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def clean_interrupted_saves(output_dir: Path) -> None:
+    """Tidy what a run killed inside `save` left: a half-written `.checkpoint-N.tmp` is removed; a `.checkpoint-N.old`
+    (the previous checkpoint-N, set aside while its replacement was renamed in) goes back in place if the replacement
+    never arrived, and is removed otherwise. A complete checkpoint is never deleted."""
+    for partial in output_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)
+    for aside in output_dir.glob(".checkpoint-*.old"):
+        final = output_dir / aside.name[1 : -len(".old")]
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
+
+
 def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
     if not value:
         return None
@@ -355,8 +373,7 @@ def make_optimizer(params, args, device: torch.device) -> torch.optim.Optimizer:
         import bitsandbytes as bnb
     except ImportError:
         raise SystemExit("error: --use_8bit_adam needs bitsandbytes and a CUDA GPU (pip install bitsandbytes)") from None
-    return bnb.optim.AdamW8bit(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return bnb.optim.AdamW8bit(params, **adam_hyperparameters(args))
 
 
 # ------------------------------------------------------------------------------------------------------------ loop
@@ -385,8 +402,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(".checkpoint-*"):  # a checkpoint half-written when a run was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        clean_interrupted_saves(output_dir)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     try:

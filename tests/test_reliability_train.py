@@ -238,3 +238,23 @@ def test_on_bad_sample_error_stops_with_one_line_naming_the_file(data_with_bad_s
         message = str(info.value)
         assert "\n" not in message and message.startswith("error: bad training sample: "), message
         assert any(f"{path}: " in message and reason in message for path, reason in bad.items()), message
+
+
+def test_a_kill_between_the_two_renames_of_a_resave_loses_no_checkpoint(tmp_path):
+    """Re-saving checkpoint-N sets the old one aside (.old), renames the new one in (.tmp -> final), then deletes the
+    aside. Killed in between, the next start puts the old one back, or drops it once the new one is in place."""
+    from d3.training import clean_interrupted_saves
+
+    def folder(name: str, marker: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "marker").write_text(marker)
+
+    folder(".checkpoint-4.old", "old")  # killed after setting checkpoint-4 aside, before the new one was renamed in
+    folder(".checkpoint-4.tmp", "new, maybe partial")
+    folder("checkpoint-6", "six")
+    folder(".checkpoint-6.old", "previous six")  # killed after the new checkpoint-6 landed, before the cleanup
+    clean_interrupted_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert (tmp_path / "checkpoint-4" / "marker").read_text() == "old"
+    assert (tmp_path / "checkpoint-6" / "marker").read_text() == "six"
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-6"
