@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from d3.losses import affine_invariant_l1, depth_mse, log_gradient_loss
+from d3.losses import depth_losses
 from d3.predictor import PROMPTS
 from d3.training import TaskRecipe, main
 
@@ -27,8 +27,9 @@ LOSS_WEIGHTS = {"mse": 8.0, "ssi": 2.0, "grad": 100.0}
 
 
 def encode_depth_target(sample: dict, low: float = 0.02, high: float = 0.98) -> torch.Tensor:
-    """Depth (1,H,W) -> 3-channel target in [-1, 1]: the 2%/98% quantiles of valid depth map to -1/+1 (clipped),
-    far is bright, invalid pixels are set to the far plane (as Marigold normalises its targets)."""
+    """Depth (1,H,W) -> 3-channel target in [-1, 1] at the same size: the 2%/98% quantiles of valid depth map to
+    -1/+1 (clipped), far is bright, invalid pixels are set to the far plane (as Marigold normalises its targets; the
+    authors' released targets come pre-normalised). The reader then resizes it to the training square."""
     depth, valid = sample["depth"], sample["valid"]
     values = depth[valid]
     if values.numel() == 0:
@@ -40,13 +41,9 @@ def encode_depth_target(sample: dict, low: float = 0.02, high: float = 0.98) -> 
 
 
 def depth_task_loss(pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-    """MSE on the normalised target, affine-invariant L1 against the raw depth, log-space gradient matching."""
-    valid = batch["valid"]
-    return {
-        "mse": depth_mse(pred, batch["target"], valid),
-        "ssi": affine_invariant_l1(pred, batch["depth"], valid),
-        "grad": log_gradient_loss(pred, batch["target"], valid),
-    }
+    """At the ground truth's native size: MSE on the normalised target, affine-invariant L1 against the raw depth,
+    log-space gradient matching (`d3.losses.depth_losses`)."""
+    return depth_losses(pred, batch["target"], batch["gt"], batch["valid"])
 
 
 RECIPE = TaskRecipe(

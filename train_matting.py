@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from d3.losses import matting_l1, matting_mse, multiscale_gradient_loss
+from d3.losses import matting_losses
 from d3.predictor import PROMPTS
 from d3.training import TaskRecipe, main
 
@@ -32,13 +32,9 @@ LOSS_WEIGHTS = {"mse": 5.0, "l1": 10.0, "grad": 50.0}
 
 
 def matting_task_loss(pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-    """MSE and L1 over the whole image in [-1, 1], gradient matching of the [0, 1] mattes at scales 1, 2 and 4."""
-    target = batch["target"]
-    return {
-        "mse": matting_mse(pred, target),
-        "l1": matting_l1(pred, target),
-        "grad": multiscale_gradient_loss(pred, target),
-    }
+    """At the training size, over the whole image: MSE and L1 in [-1, 1], gradient matching of the [0, 1] mattes at
+    scales 1, 2 and 4 (`d3.losses.matting_losses`)."""
+    return matting_losses(pred, batch["target"])
 
 
 RECIPE = TaskRecipe(

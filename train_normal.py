@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from d3.losses import angular_loss, normal_mse
+from d3.losses import normal_losses
 from d3.predictor import PROMPTS
 from d3.training import TaskRecipe, main
 
@@ -28,21 +28,20 @@ LOSS_WEIGHTS = {"mse": 8.0, "angular": 3.0}
 
 # Target: the unit normal itself is the 3-channel image, components in [-1, 1], in the camera frame x right, y up,
 # z toward the camera (Marigold / Hypersim; a wall facing the camera is (0, 0, 1), shown as (n+1)/2 colours).
-# The folder reader builds it (resized, re-normalised, zero vectors = invalid pixels, masked out of both terms).
+# The folder reader builds it as the authors do: the normals bilinearly resized to the training square, not
+# re-normalised; the losses compare at the native size, where zero vectors (invalid pixels) are masked out.
 
 
 def flip_normal_target(target: torch.Tensor) -> torch.Tensor:
-    """After a horizontal image flip a surface that faced right faces left: negate x (channel 0), keep y and z."""
+    """After a horizontal image flip a surface that faced right faces left: negate x (channel 0), keep y and z.
+    Applied to the target image and to the native normals alike."""
     return torch.cat([-target[..., :1, :, :], target[..., 1:, :, :]], dim=-3)
 
 
 def normal_task_loss(pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-    """MSE over the 3 channels and the mean angle between prediction and target, both over valid pixels only."""
-    valid = batch["valid"]
-    return {
-        "mse": normal_mse(pred, batch["target"], valid),
-        "angular": angular_loss(pred, batch["target"], valid),
-    }
+    """At the ground truth's native size: MSE over the 3 channels against the target image and the mean angle
+    against the true normals, both over valid pixels only (`d3.losses.normal_losses`)."""
+    return normal_losses(pred, batch["target"], batch["gt"], batch["valid"])
 
 
 RECIPE = TaskRecipe(

@@ -8,7 +8,7 @@ Both sides run a full optimizer step (forward under autocast, backward, gradient
 optimizer, micro-batch, precision and device:
 - ours: `d3.training.d3_step`: the teacher once on the B·N_T noisy latents, the student and the VAE decoder once
   per image;
-- reference: `tests/official_step.py` (the oracle of the equivalence tests): student and decoder on all N_T copies,
+- reference: `d3/reference_step.py` (the per-copy batching of the authors' code): student and decoder on all N_T copies,
   plus the unused target encode of the official loop.
 Engine settings (bf16 frozen teacher and VAE, fused SDPA, channels_last, torch.compile, TF32, fused AdamW) apply to
 both sides; gradient checkpointing is a memory-for-compute choice of our trainer and applies to ours only unless
@@ -93,7 +93,7 @@ def synthetic_batch(batch_size: int, resolution: int, device: torch.device, seed
     valid = torch.ones_like(depth, dtype=torch.bool)
     valid[:, :, : resolution // 8] = False  # some invalid pixels, as in real data
     target = torch.stack([encode_depth_target({"depth": d, "valid": v}) for d, v in zip(depth, valid)])
-    batch = {"rgb": rgb, "depth": depth * valid, "valid": valid, "target": target}
+    batch = {"rgb": rgb, "gt": depth * valid, "valid": valid, "target": target}  # ground truth at the training size
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["path"] = [f"synthetic-{i}" for i in range(batch_size)]
     return batch
@@ -176,7 +176,7 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> dict:
     from d3.training import apply_speed_flags, d3_step, set_tf32
-    from tests.official_step import official_step
+    from d3.reference_step import per_copy_step
 
     args = parse_args(argv)
     args.resolution = args.resolution or default_resolution(args.backbone)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench = Bench(args, device)
     sides = {"ours": d3_step}
     if not args.skip_reference:
-        sides["reference"] = official_step
+        sides["reference"] = per_copy_step
     checkpointing = {"ours": args.gradient_checkpointing, "reference": args.reference_gradient_checkpointing}
     status: dict[str, str] = {}
 

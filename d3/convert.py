@@ -180,6 +180,46 @@ def split_official_state_dict(state: Mapping[str, torch.Tensor], unet_reference:
     return OfficialWeights(unet, next(iter(values.values()), None), ignored)
 
 
+HEAD_PREFIXES = ("adapters.", "mapping.", "time_emb.", "time_in_proj.")
+
+
+def load_official_training_state(path: str | Path, model) -> dict[str, int]:
+    """Continue the authors' training: load their release into a `d3.aggregation.D3Model` built on the same base.
+
+    The student, its learned timestep and the projection heads (time mapping included) are loaded strictly; the
+    frozen teacher (`visual_experts.*`) and VAE (`ae.*`) are counted and skipped (the base model provides both).
+    Any other key, a missing one or a wrong shape stops the load with the names listed. Returns the key counts.
+    """
+    path = Path(path)
+    state = read_official_state_dict(path)
+    weights = split_official_state_dict(state, model.student.state_dict(), path)
+    if weights.timestep is None:
+        raise OfficialCheckpointError(f"{path}: no learned timestep (looked for {' / '.join(TIMESTEP_KEYS)})")
+    head_state = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+    expected = model.heads.state_dict()
+    missing = sorted(set(expected) - set(head_state))
+    unexpected = sorted(set(head_state) - set(expected))
+    wrong = sorted(f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})" for k, v in head_state.items()
+                   if k in expected and v.shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} projection-head keys missing: {_names(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} projection-head keys this run has no head for: {_names(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} projection-head tensors of the wrong shape: {_names(wrong)}")
+    if problems:
+        raise OfficialCheckpointError(
+            f"{path}: the heads do not match this run's (the authors' heads need --head_type cleandift and the 'up' "
+            "layer set of a Stable Diffusion 2.1 UNet):\n  - " + "\n  - ".join(problems))
+    model.student.load_state_dict(weights.unet, strict=True)
+    model.heads.load_state_dict(head_state, strict=True)
+    with torch.no_grad():
+        model.student_timestep.fill_(weights.timestep)
+    skipped = {k: n for k, n in weights.ignored.items() if k not in HEAD_PREFIXES}
+    return {"student": len(weights.unet), "timestep": 1, "heads": len(head_state), **skipped}
+
+
 def load_official_predictor(
     path: str | Path,
     pretrained_model_name_or_path: str | Path | None = None,

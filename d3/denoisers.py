@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .features import FeatureCapture, unet_layer_set
+from .features import FeatureCapture, official_key_names, unet_layer_set
 
 Condition = Mapping[str, torch.Tensor]
 
@@ -183,6 +183,10 @@ class Denoiser:
     def layer_set(self, name: str | None = None) -> list[str]:
         raise NotImplementedError
 
+    def head_names(self, layers: list[str]) -> dict[str, str] | None:
+        """Names of the projection heads under ``adapters`` (None: the module paths)."""
+        return None
+
     def feature_capture(self, layers: list[str]) -> FeatureCapture:
         """Hooks whose `pop()` gives {layer: (N, C, H, W)} for this architecture."""
         return FeatureCapture(self.model, layers)
@@ -251,6 +255,12 @@ class UNetDenoiser(Denoiser):
 
     def layer_set(self, name=None):
         return unet_layer_set(self.model, name or self.default_layer_set)
+
+    def head_names(self, layers):
+        """The authors' ``mid, us1, us2, ...`` for the ``up`` set, so heads load from and save to their layout."""
+        if list(layers) != unet_layer_set(self.model, "up"):
+            return None
+        return dict(zip(layers, official_key_names(layers)))
 
     def feature_channels(self, layers, size=None):
         from .aggregation import layer_channels

@@ -1,13 +1,21 @@
 """Timestep-conditioned projection heads P_k(r_k, t) that map the student's single clean representation into each
-expert timestep's representation space (paper Eq. 2; CleanDIFT-style, PROTOCOLS §6.3). Training only.
+expert timestep's representation space (paper Eq. 2; the CleanDIFT-style heads of the authors' code). Training only.
 
-Variants, for the projection-head ablation (paper Table 7):
-- ``cleandift`` (default, the official code): Fourier features of t/999 -> a shared mapping network
-  (RMSNorm, 2 SwiGLU FFN blocks, RMSNorm) -> per layer a stack of 3 residual SwiGLU FFN blocks, each
-  pre-normalised by an AdaRMSNorm whose scale is 1 + Linear(c); all residual branches and scales start at zero,
-  so every head starts as the identity.
-- ``linear``: one token-wise linear map per layer, initialised to the identity, *not* conditioned on t
-  (isolates the value of time conditioning).
+The default (``cleandift``) is parameter-identical to the authors' heads, module names included, so their released
+`.pth` (heads and all) loads strictly with `--init_from`:
+
+- ``time_emb``: Fourier features of t/999: a fixed Gaussian buffer ``weight`` (128, 1) → [cos 2πtW, sin 2πtW];
+- ``time_in_proj``: a bias-free 256 → 256 linear;
+- ``mapping``: RMSNorm → 2 residual feed-forward blocks (RMSNorm, SwiGLU up-projection 256 → 2·768, zero-initialised
+  768 → 256 down-projection) → RMSNorm: the condition c shared by every head;
+- ``adapters.<key>``: per aligned layer a stack of 3 residual feed-forward blocks of width C (hidden C), each
+  pre-normalised by an AdaRMSNorm whose per-channel scale is 1 + Linear(c) (zero-initialised), down-projection
+  zero-initialised. On a UNet's ``up`` layer set the keys are the authors' ``mid, us1, us2, ...``.
+
+Every residual branch starts at zero, so a fresh adapter is the identity and a fresh mapping is RMSNorm(RMSNorm(x)).
+
+Other variants, for the projection-head ablation (paper Table 7):
+- ``linear``: one token-wise linear map per layer, initialised to the identity, *not* conditioned on t;
 - ``none``: no head; the student's features are compared with every expert directly ("No" row of Table 7).
 """
 
@@ -20,138 +28,146 @@ import torch.nn.functional as F
 from torch import nn
 
 HEAD_TYPES = ("cleandift", "linear", "none")
+TIME_WIDTH = 256  # width of the time condition c
+MAPPING_HIDDEN = 768  # hidden width of the mapping's feed-forward blocks
+MAPPING_DEPTH = 2
+ADAPTER_DEPTH = 3
+MAX_TIMESTEP = 999.0
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / rms(x) · scale, with the mean of squares in at least fp32 (bf16 activations lose too much there)."""
+    work = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), torch.float32)
+    factor = scale.to(work) * torch.rsqrt(x.to(work).pow(2).mean(-1, keepdim=True) + eps)
+    return x * factor.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In at least fp32: the mean of squares of bf16 activations loses too much.
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.to(x.dtype)
-
-
-class SwiGLU(nn.Module):
-    """FFN with a gated SiLU: down(silu(gate) * value); biases off as in the official adapters."""
-
-    def __init__(self, dim: int, hidden: int, zero_init_out: bool = False):
-        super().__init__()
-        self.up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-        if zero_init_out:
-            nn.init.zeros_(self.down.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * value)
-
-
-class FourierTimeEmbedding(nn.Module):
-    """Random Fourier features of the normalised timestep: fixed Gaussian frequencies (a buffer, not trained)."""
-
-    def __init__(self, dim: int = 256, max_timestep: float = 999.0, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("freqs", torch.randn(dim // 2, generator=g), persistent=True)
-        self.max_timestep = max_timestep
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        phase = 2 * math.pi * (t.float() / self.max_timestep)[:, None] * self.freqs[None]
-        return torch.cat([phase.cos(), phase.sin()], dim=-1)
-
-
-class TimeMapping(nn.Module):
-    """Fourier(t) -> Linear -> RMSNorm -> 2 residual SwiGLU blocks -> RMSNorm: the condition c shared by all heads."""
-
-    def __init__(self, dim: int = 256, hidden: int = 768, depth: int = 2):
-        super().__init__()
-        self.fourier = FourierTimeEmbedding(dim)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.norm_in = RMSNorm(dim)
-        self.blocks = nn.ModuleList(SwiGLU(dim, hidden // 2) for _ in range(depth))
-        self.block_norms = nn.ModuleList(RMSNorm(dim) for _ in range(depth))
-        self.norm_out = RMSNorm(dim)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        c = self.norm_in(self.proj(self.fourier(t)))
-        for norm, block in zip(self.block_norms, self.blocks):
-            c = c + block(norm(c))
-        return self.norm_out(c)
+        return rms_norm(x, self.scale, self.eps)
 
 
 class AdaRMSNorm(nn.Module):
     """RMSNorm whose per-channel scale is 1 + Linear(c), zero-initialised (starts as a plain RMSNorm)."""
 
-    def __init__(self, dim: int, cond_dim: int):
+    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6):
         super().__init__()
-        self.norm = RMSNorm(dim, affine=False)
-        self.scale = nn.Linear(cond_dim, dim, bias=False)
-        nn.init.zeros_(self.scale.weight)
+        self.eps = eps
+        self.linear = nn.Linear(cond_dim, dim, bias=False)
+        nn.init.zeros_(self.linear.weight)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        scale = 1 + self.scale(c).to(x.dtype)  # (N, C)
-        return self.norm(x) * scale[:, None, :]
+        return rms_norm(x, self.linear(c)[:, None, :] + 1, self.eps)
 
 
-class AdapterBlock(nn.Module):
-    def __init__(self, dim: int, cond_dim: int):
+class FeedForward(nn.Module):
+    """x + down(SwiGLU(up(norm(x)))): the up-projection's outputs are [value, gate]; the down-projection starts at
+    zero, so the block starts as the identity. `cond_dim` makes the norm adaptive (an AdaRMSNorm)."""
+
+    def __init__(self, dim: int, hidden: int, cond_dim: int | None = None):
         super().__init__()
-        self.norm = AdaRMSNorm(dim, cond_dim)
-        self.ffn = SwiGLU(dim, dim, zero_init_out=True)
+        self.norm = RMSNorm(dim) if cond_dim is None else AdaRMSNorm(dim, cond_dim)
+        self.up_proj = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        nn.init.zeros_(self.down_proj.weight)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return x + self.ffn(self.norm(x, c))
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm(x) if c is None else self.norm(x, c)
+        value, gate = self.up_proj(h).chunk(2, dim=-1)
+        return x + self.down_proj(value * F.silu(gate))
 
 
-class TimestepAdapter(nn.Module):
-    def __init__(self, dim: int, cond_dim: int, depth: int = 3):
+class FourierFeatures(nn.Module):
+    """Random Fourier features of a scalar: fixed Gaussian frequencies (a saved buffer, not trained)."""
+
+    def __init__(self, dim: int = TIME_WIDTH, seed: int = 0):
         super().__init__()
-        self.blocks = nn.ModuleList(AdapterBlock(dim, cond_dim) for _ in range(depth))
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(dim // 2, 1, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (N, 1)
+        phase = 2 * math.pi * x @ self.weight.to(x.dtype).T
+        return torch.cat([phase.cos(), phase.sin()], dim=-1)
+
+
+class MappingNetwork(nn.Module):
+    def __init__(self, dim: int = TIME_WIDTH, hidden: int = MAPPING_HIDDEN, depth: int = MAPPING_DEPTH):
+        super().__init__()
+        self.in_norm = RMSNorm(dim)
+        self.blocks = nn.ModuleList(FeedForward(dim, hidden) for _ in range(depth))
+        self.out_norm = RMSNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out_norm(x)
+
+
+class AdapterStack(nn.Module):
+    """The head of one layer: `depth` time-conditioned residual feed-forward blocks at the layer's width."""
+
+    def __init__(self, dim: int, cond_dim: int = TIME_WIDTH, depth: int = ADAPTER_DEPTH):
+        super().__init__()
+        self.layers = nn.ModuleList(FeedForward(dim, dim, cond_dim) for _ in range(depth))
 
     def forward(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        for layer in self.layers:
+            tokens = layer(tokens, c)
         return tokens
 
 
-def _key(layer: str) -> str:
-    # ModuleDict keys cannot contain dots.
-    return layer.replace(".", "__")
+def _module_key(layer: str) -> str:
+    return layer.replace(".", "__")  # ModuleDict keys cannot contain dots
 
 
 class ProjectionHeads(nn.Module):
-    """One head per aligned layer. `forward(features, t)` maps tokens (N, L, C_k) given expert timesteps t (N,)."""
+    """One head per aligned layer. `forward(features, t)` maps tokens (N, L, C_k) given expert timesteps t (N,).
 
-    def __init__(self, channels: dict[str, int], head_type: str = "cleandift", cond_dim: int = 256, depth: int = 3):
+    `names` maps a layer to its key under ``adapters`` (the authors' ``mid, us1, ...``); by default the layer's
+    module path with dots replaced by ``__``.
+    """
+
+    def __init__(self, channels: dict[str, int], head_type: str = "cleandift", names: dict[str, str] | None = None):
         super().__init__()
         if head_type not in HEAD_TYPES:
             raise ValueError(f"unknown head type {head_type!r}; expected one of {HEAD_TYPES}")
         self.head_type = head_type
         self.layers = list(channels)
-        self.mapping = TimeMapping(cond_dim) if head_type == "cleandift" else None
-        heads = {}
+        self.keys = {layer: (names or {}).get(layer, _module_key(layer)) for layer in self.layers}
+        if len(set(self.keys.values())) != len(self.keys):
+            raise ValueError(f"two layers share a head name: {self.keys}")
+        if head_type == "cleandift":
+            self.time_emb = FourierFeatures(TIME_WIDTH)
+            self.time_in_proj = nn.Linear(TIME_WIDTH, TIME_WIDTH, bias=False)
+            self.mapping = MappingNetwork()
+        adapters = {}
         for layer, dim in channels.items():
             if head_type == "cleandift":
-                heads[_key(layer)] = TimestepAdapter(dim, cond_dim, depth)
+                adapters[self.keys[layer]] = AdapterStack(dim)
             elif head_type == "linear":
                 linear = nn.Linear(dim, dim, bias=True)
                 nn.init.eye_(linear.weight)
                 nn.init.zeros_(linear.bias)
-                heads[_key(layer)] = linear
-        self.heads = nn.ModuleDict(heads)
+                adapters[self.keys[layer]] = linear
+        self.adapters = nn.ModuleDict(adapters)
+
+    def condition(self, t: torch.Tensor) -> torch.Tensor:
+        """The time condition c (N, 256) of expert timesteps t (N,) on the 0-999 scale."""
+        x = (t.to(self.time_in_proj.weight.dtype) / MAX_TIMESTEP)[:, None]
+        return self.mapping(self.time_in_proj(self.time_emb(x)))
 
     def forward(self, features: dict[str, torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.head_type == "none":
             return dict(features)
-        c = self.mapping(t) if self.mapping is not None else None
+        c = self.condition(t) if self.head_type == "cleandift" else None
         out = {}
         for layer, tokens in features.items():
-            head = self.heads[_key(layer)]
+            head = self.adapters[self.keys[layer]]
             out[layer] = head(tokens, c) if c is not None else head(tokens)
         return out

@@ -1,117 +1,155 @@
-"""Task losses on the decoded prediction (paper appendix 6.4; PROTOCOLS §6.5).
+"""Task losses on the decoded prediction, as the authors' training code computes them.
 
-All take the VAE-decoded prediction `pred` (B, 3, H, W), nominally in [-1, 1], and return a scalar that is the mean
-over the batch of a per-sample value. A sample with no valid pixel contributes exactly 0 (never NaN), so one bad
-crop cannot poison a batch.
+Depth and normals are scored at the ground truth's *native* size: the decoded R×R prediction and the R×R target image
+are resized (bilinear, align_corners False, no antialias) to each sample's ground-truth size, and the terms are taken
+there. Mattes are scored at the training resolution. With `--loss_resolution train` the readers hand over ground
+truth already at R×R, the resizes are identities, and the same code scores at the training size.
+
+Reductions follow the authors: MSE, log-gradient and angular terms pool their sums over every valid pixel of the
+batch (not a mean of per-image means); the affine-invariant L1 is a mean over images of per-image means. The ground
+truth of a batch is a list (one (C, h, w) tensor per image; sizes may differ) or a stacked tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-
-def _per_sample_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over `mask` for each sample (B,), 0 where the mask is empty."""
-    mask = mask.to(values.dtype).expand_as(values)
-    dims = tuple(range(1, values.dim()))
-    count = mask.sum(dims)
-    total = (values * mask).sum(dims)
-    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+DET_MIN = 1e-6  # the least-squares fit is rejected below this determinant, and regularised by it
 
 
-def to_unit_map(image: torch.Tensor) -> torch.Tensor:
-    """Decoded 3-channel image in [-1, 1] -> single-channel map in [0, 1] (channel mean, as official inference)."""
+def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, h, w), bilinear without antialias (the authors' F.interpolate call)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def unit_map(image: torch.Tensor) -> torch.Tensor:
+    """Decoded image in [-1, 1] -> [0, 1] per channel, clamped (diffusers' postprocess), channel mean."""
     return (image * 0.5 + 0.5).clamp(0, 1).mean(1, keepdim=True)
 
 
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return like.sum() * 0  # keeps the graph (and dtype/device) for a term with nothing to score
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------- depth
-def depth_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """MSE of the channel means, in the normalised [-1, 1] target space, over valid pixels."""
-    err = (pred.float().mean(1, keepdim=True) - target.float().mean(1, keepdim=True)) ** 2
-    return _per_sample_masked_mean(err, valid).mean()
+def fit_scale_shift(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
+    """Closed-form least squares (s, b) minimising Σ_mask (s·x + b − y)², in at least fp32.
 
-
-def fit_scale_shift(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, min_det: float = 1e-6):
-    """Closed-form least squares s, b minimising Σ_mask (s·x + b − y)² per sample, in fp32.
-
-    Returns (scale, shift, ok), each (B,); `ok` is False where the system is degenerate (det ≤ min_det), as the
-    official code rejects such fits. Gradients flow through s and b.
+    Returns (s, b, ok); `ok` is False where the system is degenerate (det ≤ 1e-6), as the authors reject such fits.
+    Gradients flow through s and b.
     """
-    m = mask.float()
-    x, y = x.float() * m, y.float() * m
-    dims = tuple(range(1, x.dim()))
-    a00, a01, a11 = (x * x).sum(dims), x.sum(dims), m.sum(dims)
-    b0, b1 = (x * y).sum(dims), y.sum(dims)
+    work = _work_dtype(x)
+    m = mask.to(work)
+    x, y = x.to(work), y.to(work)
+    a00, a01, a11 = (m * x * x).sum(), (m * x).sum(), m.sum()
+    b0, b1 = (m * x * y).sum(), (m * y).sum()
     det = a00 * a11 - a01 * a01
-    ok = det > min_det
-    denom = det + 1e-6
-    scale = (a11 * b0 - a01 * b1) / denom
-    shift = (a00 * b1 - a01 * b0) / denom
-    return scale, shift, ok
+    scale = (a11 * b0 - a01 * b1) / (det + DET_MIN)
+    shift = (a00 * b1 - a01 * b0) / (det + DET_MIN)
+    return scale, shift, bool(det > DET_MIN)
 
 
-def affine_invariant_l1(pred: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """L1 between the LS-aligned prediction and the raw depth (metres for metric sources), over valid pixels."""
-    p = to_unit_map(pred.float())
-    scale, shift, ok = fit_scale_shift(p, depth, valid)
-    aligned = scale[:, None, None, None] * p + shift[:, None, None, None]
-    per_sample = _per_sample_masked_mean((aligned - depth.float()).abs(), valid)
-    return torch.where(ok, per_sample, torch.zeros_like(per_sample)).mean()
-
-
-def _gradient_pairs(r: torch.Tensor, mask: torch.Tensor, step: int):
-    """|r(i,j) − r(i,j+s)| and |r(i,j) − r(i+s,j)| with their both-ends-valid masks."""
-    dx = (r[..., :, step:] - r[..., :, :-step]).abs()
+def _gradient_sums(r: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ |r(i,j) − r(i,j+s)| + |r(i,j) − r(i+s,j)| over pairs valid at both ends, and the number of pairs.
+    s = 2 px, or 1 px when the map is 2 px or less in either direction."""
+    step = 2 if min(r.shape[-2:]) > 2 else 1
     mx = mask[..., :, step:] & mask[..., :, :-step]
-    dy = (r[..., step:, :] - r[..., :-step, :]).abs()
     my = mask[..., step:, :] & mask[..., :-step, :]
-    return dx, mx, dy, my
+    dx = (r[..., :, step:] - r[..., :, :-step]).abs()
+    dy = (r[..., step:, :] - r[..., :-step, :]).abs()
+    return (dx * mx).sum() + (dy * my).sum(), mx.sum() + my.sum()
 
 
-def log_gradient_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Gradient matching in log space: r = ln(1+p̂) − ln(1+ĝ) on the [0,1] maps, 2-px differences (1 px if tiny)."""
-    p, g = to_unit_map(pred.float()), to_unit_map(target.float())
-    r = torch.log1p(p) - torch.log1p(g)
-    step = 1 if min(r.shape[-2:]) <= 2 else 2
-    dx, mx, dy, my = _gradient_pairs(r, valid.bool(), step)
-    dims = (1, 2, 3)
-    total = (dx * mx).sum(dims) + (dy * my).sum(dims)
-    count = mx.sum(dims) + my.sum(dims)
-    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)).mean()
+def depth_losses(pred: torch.Tensor, target: torch.Tensor, depth: Sequence[torch.Tensor],
+                 valid: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The depth terms: `mse` of the channel means against the normalised target image (in [-1, 1]), `ssi` the L1
+    of the least-squares scale-and-shift-aligned [0, 1] prediction against the raw depth (metres for metric
+    sources), `grad` the 2-px gradient matching of ln(1 + p̂) − ln(1 + ĝ) against the target image.
+
+    pred, target: (B, 3, R, R); depth[i], valid[i]: (1, h_i, w_i) at the ground truth's size.
+    """
+    work = _work_dtype(pred)
+    mse_sum = mse_n = grad_sum = grad_n = 0
+    ssi, mse_all = [], []
+    for i in range(pred.shape[0]):
+        d, v = depth[i], valid[i].bool()
+        size = d.shape[-2:]
+        p = resize_to(pred[i:i + 1].to(work), size)[0]  # (3, h, w)
+        t = resize_to(target[i:i + 1].to(work), size)[0]
+        err = (p.mean(0, keepdim=True) - t.mean(0, keepdim=True)) ** 2
+        mse_sum, mse_n = mse_sum + (err * v).sum(), mse_n + v.sum()
+        mse_all.append(err)
+
+        p_unit = (p * 0.5 + 0.5).clamp(0, 1).mean(0, keepdim=True)  # as the decoded image is post-processed
+        if v.any():
+            s, b, ok = fit_scale_shift(p_unit, d, v)
+            aligned = s * p_unit + b
+            ssi.append((aligned - d.to(work)).abs()[v].mean() if ok else _zero(p_unit))
+        else:
+            ssi.append(_zero(p_unit))
+
+        g_unit = (t.mean(0, keepdim=True) * 0.5 + 0.5).clamp(0, 1)
+        sums, pairs = _gradient_sums(torch.log1p(p_unit) - torch.log1p(g_unit), v)
+        grad_sum, grad_n = grad_sum + sums, grad_n + pairs
+    if int(mse_n) > 0:
+        mse = mse_sum / mse_n
+    else:  # no valid pixel in the whole batch: the authors fall back to every pixel
+        mse = torch.cat([e.flatten() for e in mse_all]).mean()
+    grad = grad_sum / grad_n if int(grad_n) > 0 else _zero(pred)
+    return {"mse": mse, "ssi": torch.stack(ssi).mean(), "grad": grad}
 
 
 # --------------------------------------------------------------------------------------------------------- normals
-def normal_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """MSE over valid pixels and all 3 channels (target = unit normals, already in [-1, 1])."""
-    err = (pred.float() - target.float()) ** 2
-    return _per_sample_masked_mean(err, valid).mean()
+def normal_losses(pred: torch.Tensor, target: torch.Tensor, normal: Sequence[torch.Tensor],
+                  valid: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The normal terms: `mse` over valid pixels and the 3 channels against the target image, `angular` the mean
+    angle (radians, float64, cosine clamped to ±(1 − 1e-4)) against the native normals.
 
-
-def angular_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean angle in radians between predicted and true normals over valid pixels (float64, clamped acos)."""
-    cos = F.cosine_similarity(pred.double(), target.double(), dim=1, eps=1e-8).unsqueeze(1)
-    angle = torch.acos(cos.clamp(-1 + 1e-4, 1 - 1e-4))
-    return _per_sample_masked_mean(angle, valid).mean().to(pred.dtype if pred.is_floating_point() else torch.float32)
-
-
-def normal_valid_mask(target: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Valid = non-zero ground-truth normal."""
-    return target.norm(dim=1, keepdim=True) > eps
+    pred, target: (B, 3, R, R); normal[i]: (3, h_i, w_i) unit normals (0 = invalid); valid[i]: (1, h_i, w_i).
+    """
+    work = _work_dtype(pred)
+    mse_sum = mse_n = ang_sum = ang_n = 0
+    for i in range(pred.shape[0]):
+        n, v = normal[i], valid[i].bool()
+        size = n.shape[-2:]
+        p = resize_to(pred[i:i + 1].to(work), size)[0]
+        t = resize_to(target[i:i + 1].to(work), size)[0]
+        mse_sum = mse_sum + (((p - t) ** 2) * v).sum()
+        mse_n = mse_n + 3 * v.sum()
+        cos = F.cosine_similarity(p.double(), n.double(), dim=0, eps=1e-8)[None]
+        angle = cos.clamp(-1 + 1e-4, 1 - 1e-4).acos().to(work)
+        ang_sum, ang_n = ang_sum + (angle * v).sum(), ang_n + v.sum()
+    if int(mse_n) == 0:
+        return {"mse": _zero(pred), "angular": _zero(pred)}
+    return {"mse": mse_sum / mse_n, "angular": ang_sum / ang_n}
 
 
 # -------------------------------------------------------------------------------------------------------- matting
-def matting_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return ((pred.float() - target.float()) ** 2).mean()
-
-
-def matting_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (pred.float() - target.float()).abs().mean()
+def matting_losses(pred: torch.Tensor, target: torch.Tensor, scales=(1, 2, 4)) -> dict[str, torch.Tensor]:
+    """The matting terms at the training resolution over the whole image: `mse` and `l1` on the 3 channels in
+    [-1, 1]; `grad` the mean over scales s of mean|Δx p − Δx g| + mean|Δy p − Δy g| after s×s average pooling of
+    the [0, 1] mattes."""
+    work = _work_dtype(pred)
+    pred, target = pred.to(work), target.to(work)
+    return {
+        "mse": ((pred - target) ** 2).mean(),
+        "l1": (pred - target).abs().mean(),
+        "grad": multiscale_gradient_loss(pred, target, scales),
+    }
 
 
 def multiscale_gradient_loss(pred: torch.Tensor, target: torch.Tensor, scales=(1, 2, 4)) -> torch.Tensor:
-    """Mean over scales s of mean|Δx p − Δx g| + mean|Δy p − Δy g| after s×s average pooling of the [0,1] maps."""
-    p, g = to_unit_map(pred.float()), to_unit_map(target.float())
+    p = unit_map(pred)
+    g = (target.mean(1, keepdim=True) * 0.5 + 0.5).clamp(0, 1)
     terms = []
     for s in scales:
         ps = F.avg_pool2d(p, s, s) if s > 1 else p

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from .aggregation import D3Model, expert_features
 from .backbone import (
@@ -30,7 +30,7 @@ from .backbone import (
     vae_scale_factor,
 )
 from .denoisers import Denoiser
-from .data.folders import BadSampleError, open_sources
+from .data.folders import BadSampleError, collate, open_sources
 from .data.mixing import MixedBatchSampler, concat, mixing_probabilities, parse_dataset_spec
 from .features import LAYER_SETS, FeatureCapture
 from .heads import HEAD_TYPES, ProjectionHeads
@@ -66,6 +66,12 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--max_train_samples", type=int, default=None, help="use at most this many samples of each source (Fig. 8)")
     a("--resolution", type=int, default=768, help="square training resolution (images are squashed, as official)")
     a("--hflip_prob", type=float, default=0.5)
+    a("--loss_resolution", default="native", choices=["native", "train"],
+      help="where depth and normal losses are taken: at each ground truth's native size, as the authors' code does "
+           "(native), or on ground truth resized to the training square (train)")
+    a("--init_from", default=None, metavar="PTH",
+      help="start from the authors' released .pth (student, learned timestep and projection heads, strictly "
+           "loaded) to continue their training; the base model still comes from --pretrained_model_name_or_path")
     a("--prompt", default=recipe.prompt, help="the fixed task prompt (appendix 6.2)")
     a("--train_batch_size", type=int, default=4, help="images per device per micro-batch")
     a("--gradient_accumulation_steps", type=int, default=8)
@@ -206,30 +212,43 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
 
 
 def random_hflip(batch: dict, generator: torch.Generator, prob: float, flip_target) -> dict:
+    """Flip each image (and its target and native ground truth) left-right with probability `prob`; `flip_target`
+    fixes values that change with the flip (the x component of normals)."""
     if prob <= 0:
         return batch
     flip = torch.rand(batch["rgb"].shape[0], generator=generator) < prob
     if not flip.any():
         return batch
     out = dict(batch)
-    for key in ("rgb", "target", "valid", "depth"):
-        if key in batch:
-            flipped = batch[key].flip(-1)
-            if key == "target":
-                flipped = flip_target(flipped)
-            mask = flip.to(batch[key].device).view(-1, *([1] * (batch[key].dim() - 1)))
-            out[key] = torch.where(mask, flipped, batch[key])
+    for key in ("rgb", "target", "gt", "valid"):
+        if key not in batch:
+            continue
+        fix = flip_target if key in ("target", "gt") else (lambda x: x)
+        out[key] = [fix(x.flip(-1)) if f else x for x, f in zip(batch[key], flip.tolist())]
+        if torch.is_tensor(batch[key]):
+            out[key] = torch.stack(out[key])
     return out
 
 
 # ------------------------------------------------------------------------------------------------------------ data
+def batch_to(batch: dict, device: torch.device) -> dict:
+    """Tensors, and lists of tensors (native-size ground truth), to `device`; other entries unchanged."""
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, list) and v and torch.is_tensor(v[0]):
+            return [x.to(device, non_blocking=True) for x in v]
+        return v
+    return {k: move(v) for k, v in batch.items()}
+
+
 class SkippingCollate:
     """Collate that drops unreadable samples (they arrive as BadSampleError messages) and reports them."""
 
     def __call__(self, items):
         good = [s for s in items if not isinstance(s, str)]
         bad = [s for s in items if isinstance(s, str)]
-        batch = default_collate(good) if good else None
+        batch = collate(good) if good else None
         return {"batch": batch, "bad": bad}
 
 
@@ -271,7 +290,8 @@ def build_training_data(args, recipe: TaskRecipe):
     for spec in specs:
         path, prob = parse_dataset_spec(spec)
         try:
-            found = open_sources(path, recipe.modality, args.resolution, recipe.encode_target, args.max_train_samples)
+            found = open_sources(path, recipe.modality, args.resolution, recipe.encode_target, args.max_train_samples,
+                                 loss_resolution=getattr(args, "loss_resolution", "native"))
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
         sources += found
@@ -419,8 +439,16 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
         layers = student.layer_set(args.layer_set)
     except ValueError as err:
         raise SystemExit(f"error: --layer_set: {err}") from None
-    heads = ProjectionHeads(student.feature_channels(layers), args.head_type)
+    heads = ProjectionHeads(student.feature_channels(layers), args.head_type, student.head_names(layers))
     model = D3Model(student, heads, layers, args.student_timestep, learn_timestep=not args.freeze_timestep)
+    if getattr(args, "init_from", None):
+        from .convert import OfficialCheckpointError, load_official_training_state  # noqa: PLC0415
+
+        try:
+            counts = load_official_training_state(args.init_from, model)
+        except OfficialCheckpointError as err:
+            raise SystemExit(f"error: --init_from: {err}") from None
+        logger.info("initialised from %s: %s", args.init_from, counts)
     # A LoRA teacher is the student's own network: one set of hooks serves both passes (each pass pops its own).
     teacher_capture = model.capture if teacher.model is student.model else teacher.feature_capture(layers)
     prompt_embeds = (prompt_embeds.to(accelerator.device) if torch.is_tensor(prompt_embeds)
@@ -515,8 +543,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
             generator = step_generator(args.seed, micro_step)
             with accelerator.accumulate(model):
                 if batch is not None:
-                    batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-                             for k, v in batch.items()}
+                    batch = batch_to(batch, accelerator.device)
                     batch = random_hflip(batch, generator, args.hflip_prob, recipe.flip_target)
                     b = batch["rgb"].shape[0]
                     t = unwrapped.denoiser.sample_timesteps(b, args.num_timesteps, generator=generator)

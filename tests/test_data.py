@@ -38,11 +38,15 @@ def test_plain_folder_reads_npy_png_and_h5_depth(tmp_path):
     for sample in (ds[0], ds[1], ds[2]):
         assert sample["rgb"].shape == (3, 16, 16) and -1 <= sample["rgb"].min() and sample["rgb"].max() <= 1
         assert sample["target"].shape == (3, 16, 16)
+        assert sample["gt"].shape == sample["valid"].shape == (1, 12, 16)  # ground truth at its native size
         valid = sample["valid"][0]
-        assert not valid[0, 0]  # depth 0 stays invalid after resizing
-        assert float(sample["depth"][0][valid].max()) < 4.0  # max_depth from d3_dataset.json
+        assert not valid[0, 0]  # depth 0 is invalid
+        assert float(sample["gt"][0][valid].max()) < 4.0  # max_depth from d3_dataset.json
         # uint16 PNG millimetres, .npy and .h5 metres all decode to the same metres
-        torch.testing.assert_close(sample["depth"], ds[0]["depth"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(sample["gt"], ds[0]["gt"], atol=1e-3, rtol=0)
+    square = TrainingFolder(tmp_path, "depth", 16, encode_target=train_depth.encode_depth_target,
+                            loss_resolution="train")[0]
+    assert square["gt"].shape == square["valid"].shape == (1, 16, 16) and not square["valid"][0, 0, 0]
 
 
 def test_bad_samples_name_their_file(tmp_path):
@@ -72,7 +76,7 @@ def test_authors_depth_format_is_split_by_source(tmp_path):
     assert set(sources) == {"hypersim", "vkitti", "coco"}
     sample = sources["vkitti"][0]
     torch.testing.assert_close(sample["target"], torch.zeros(3, 8, 8))  # stored 0.5 in [0, 1] -> 0 in [-1, 1]
-    torch.testing.assert_close(sample["depth"], torch.full((1, 8, 8), 70.0))  # metric depth from depth_ori/
+    torch.testing.assert_close(sample["gt"], torch.full((1, 12, 16), 70.0))  # native metric depth from depth_ori/
     assert sample["valid"].all()
     # 70 m is inside vKITTI's and COCO's 80 m range but beyond Hypersim's 65 m, as in the official loader
     assert sources["coco"][0]["valid"].all()

@@ -27,8 +27,8 @@ from d3.denoisers import DIT_STUDENT_TIMESTEP, FluxDenoiser, as_denoiser, detect
 from d3.heads import ProjectionHeads
 from d3.predictor import CheckpointError, D3Config, D3Predictor, predictor_from_backbone
 from d3.training import build_parser, build_student_and_teacher, d3_step, export_predictor, make_optimizer, train
-from tests.official_step import official_step
-from tests.test_equivalence import REL_TOL, depth_batch, rel_err
+from d3.reference_step import per_copy_step
+from tests.test_equivalence import REL_TOL, cast_batch, depth_batch, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,12 +147,12 @@ def test_efficient_step_equals_official_step_with_a_dit_backbone(preset, request
     dtype = torch.float64
     model, teacher, capture, vae, cond = _dit_parts(request.getfixturevalue(f"tiny_{preset}_dir"), dtype)
     assert model.student_timestep.item() == 420.0
-    batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in depth_batch().items()}
+    batch = cast_batch(depth_batch(), dtype)
     g = torch.Generator().manual_seed(0)
     timesteps = teacher.sample_timesteps(2, 3, generator=g)
     noise = torch.randn(2, 3, 16, 16, 16, generator=g).to(dtype)
     results = []
-    for step in (d3_step, official_step):
+    for step in (d3_step, per_copy_step):
         model.zero_grad(set_to_none=True)
         out = step(model, teacher, capture, vae, None, batch, cond, train_depth.depth_task_loss,
                    train_depth.LOSS_WEIGHTS, timesteps, noise)

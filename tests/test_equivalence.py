@@ -10,25 +10,42 @@ import train_depth
 from d3.aggregation import stratified_timesteps
 from d3.data.synthetic import render_scene
 from d3.training import d3_step
-from tests.official_step import official_step
+from d3.reference_step import per_copy_step
 from tests.parts import build_parts
 
 REL_TOL = 1e-5
 
 
 def depth_batch(n: int = 2, size: int = 64) -> dict:
-    rgbs, depths = [], []
+    """A batch in the reader's layout: rgb and target at size², metric depth and its mask at native sizes that are
+    smaller than, larger than and of another aspect than the square, so the native-resolution resizes are exercised."""
+    native = [(size // 2 + 8, size + 24), (size + 16, size - 8), (size - 24, size // 2)]
+    rgbs, targets, depths, valids = [], [], [], []
     for i in range(n):
-        scene = render_scene(100 + i, size, size)
-        rgbs.append(torch.from_numpy(scene.rgb).permute(2, 0, 1).float() / 127.5 - 1)
-        depths.append(torch.from_numpy(scene.depth)[None])
-    depth = torch.stack(depths)
-    valid = depth > 0
-    valid[0, :, :8] = False  # some invalid pixels, so masking is part of what is compared
-    batch = {"rgb": torch.stack(rgbs), "depth": depth * valid, "valid": valid, "path": [f"s{i}" for i in range(n)]}
-    batch["target"] = torch.stack([train_depth.encode_depth_target({"depth": d, "valid": v})
-                                   for d, v in zip(batch["depth"], valid)])
-    return batch
+        h, w = native[i % len(native)]
+        scene = render_scene(100 + i, h, w)
+        rgb = torch.from_numpy(scene.rgb).permute(2, 0, 1).float() / 127.5 - 1
+        rgbs.append(torch.nn.functional.interpolate(rgb[None], size=(size, size), mode="bilinear")[0])
+        depth = torch.from_numpy(scene.depth)[None]
+        valid = depth > 0
+        if i == 0:
+            valid[:, :, :8] = False  # some invalid pixels, so masking is part of what is compared
+        target = train_depth.encode_depth_target({"depth": depth * valid, "valid": valid})
+        targets.append(torch.nn.functional.interpolate(target[None], size=(size, size), mode="bilinear")[0])
+        depths.append(depth * valid)
+        valids.append(valid)
+    return {"rgb": torch.stack(rgbs), "target": torch.stack(targets), "gt": depths, "valid": valids,
+            "path": [f"s{i}" for i in range(n)]}
+
+
+def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
+    def cast(v):
+        if torch.is_tensor(v):
+            return v.to(dtype) if v.is_floating_point() else v
+        if isinstance(v, list) and v and torch.is_tensor(v[0]):
+            return [cast(x) for x in v]
+        return v
+    return {k: cast(v) for k, v in batch.items()}
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -53,12 +70,12 @@ def _compare(backbone, head_type, dtype, weights):
     for module in (parts.model, parts.teacher, parts.vae):
         module.to(dtype)
     parts.prompt_embeds = parts.prompt_embeds.to(dtype)
-    batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in depth_batch().items()}
+    batch = cast_batch(depth_batch(), dtype)
     g = torch.Generator().manual_seed(0)
     timesteps = stratified_timesteps(2, 3, generator=g)
     noise = torch.randn(2, 3, 4, 16, 16, generator=g).to(dtype)
     fast, fast_grads = _run(d3_step, parts, batch, timesteps, noise, weights)
-    ref, ref_grads = _run(official_step, parts, batch, timesteps, noise, weights)
+    ref, ref_grads = _run(per_copy_step, parts, batch, timesteps, noise, weights)
     assert set(fast_grads) == set(ref_grads)
     flat_fast = torch.cat([g.flatten() for g in fast_grads.values()])
     flat_ref = torch.cat([ref_grads[n].flatten() for n in fast_grads])

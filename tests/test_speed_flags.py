@@ -25,9 +25,9 @@ import train_depth
 from d3.aggregation import stratified_timesteps
 from d3.prefetch import BackgroundWriter, ordered_prefetch, predict_files
 from d3.training import adamw, apply_speed_flags, build_parser, d3_step
-from tests.official_step import official_step
+from d3.reference_step import per_copy_step
 from tests.parts import build_parts
-from tests.test_equivalence import depth_batch, rel_err
+from tests.test_equivalence import cast_batch, depth_batch, rel_err
 
 REL_TOL = 1e-5
 
@@ -53,8 +53,7 @@ def _float64_parts(backbone):
     for module in (parts.model, parts.teacher, parts.vae):
         module.to(torch.float64)
     parts.prompt_embeds = parts.prompt_embeds.to(torch.float64)
-    batch = {k: v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v
-             for k, v in depth_batch(2, 32).items()}
+    batch = cast_batch(depth_batch(2, 32), torch.float64)
     g = torch.Generator().manual_seed(0)
     timesteps = stratified_timesteps(2, 3, generator=g)
     noise = torch.randn(2, 3, 4, 8, 8, generator=g).to(torch.float64)
@@ -65,7 +64,7 @@ def _float64_parts(backbone):
                                    {"gradient_checkpointing": True, "channels_last": True}])
 def test_flags_keep_the_efficient_step_equal_to_the_official_step(tiny_backbone_dir, flags):
     parts, batch, timesteps, noise = _float64_parts(tiny_backbone_dir)
-    ref, ref_grads = _step(official_step, parts, batch, timesteps, noise)  # plain model: the oracle
+    ref, ref_grads = _step(per_copy_step, parts, batch, timesteps, noise)  # plain model: the oracle
     apply_speed_flags(parts.model, parts.teacher, parts.vae, **flags)
     if flags.get("gradient_checkpointing"):
         assert parts.model.student.is_gradient_checkpointing and parts.vae.is_gradient_checkpointing

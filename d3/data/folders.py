@@ -1,4 +1,4 @@
-"""Training datasets: our plain folder format and the authors' released preprocessed format (PROTOCOLS §5.1).
+"""Training datasets: our plain folder format and the authors' released preprocessed format.
 
 Plain folder format (written by `d3.prepare`, `d3.pseudo_label`, `d3.data.synthetic`)::
 
@@ -8,9 +8,13 @@ Plain folder format (written by `d3.prepare`, `d3.pseudo_label`, `d3.data.synthe
     ROOT/normal/REL.{npy,png}   unit normals (H,W,3), camera frame x right, y up, z toward the camera; 0 = invalid
     ROOT/alpha/REL.png          alpha matte (also accepted: mask/, masks/)
 
-Every sample is returned at a fixed square training resolution (squashed, as the official code does, so batches
-stack): "rgb" in [-1, 1], "target" (the task's 3-channel target image in [-1, 1]), "valid" (1,R,R) bool,
-"depth" (1,R,R) metres for depth, "path". Unreadable samples raise `BadSampleError` naming the file.
+A sample is what the authors' loaders give, with image and ground truth resized independently (their sizes need not
+match): "rgb" (3,R,R) in [-1, 1], squashed to the square training size with PIL's bilinear filter; "target" (3,R,R)
+the task's target image in [-1, 1] (bilinear, no antialias); for depth and normals "gt" (the metric depth (1,h,w) or
+the unit normals (3,h,w)) and "valid" (1,h,w) at the ground truth's NATIVE size (or at R×R with
+`loss_resolution="train"`), where the task losses are taken; "path" and "source". Depth is valid inside the source's
+range (Hypersim 1e-5 < d < 65 m, vKITTI and COCO 1e-5 < d < 80 m, else `min_depth`/`max_depth`), normals where
+‖n‖ > 1e-4. Batch with `collate`. Unreadable samples raise `BadSampleError` naming the file.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ..io import IMAGE_EXTENSIONS, ImageReadError, load_rgb
 
@@ -35,6 +39,8 @@ MODALITY_DIRS = {"depth": ("depth",), "normal": ("normal",), "alpha": ("alpha", 
 MODALITY_EXTS = {"depth": (".npy", ".png", ".h5"), "normal": (".npy", ".png", ".h5"), "alpha": (".png", ".jpg", ".npy")}
 # Valid depth ranges of the official code's source types (metres).
 SOURCE_DEPTH_RANGE = {"hypersim": (1e-5, 65.0), "vkitti": (1e-5, 80.0), "coco": (1e-5, 80.0)}
+NORMAL_VALID_NORM = 1e-4  # a ground-truth normal shorter than this is invalid
+LOSS_RESOLUTIONS = ("native", "train")
 
 
 class BadSampleError(RuntimeError):
@@ -138,8 +144,8 @@ def _find_sibling(folder: Path, rel: str, exts: tuple[str, ...]) -> Path | None:
 class TrainingFolder(Dataset):
     """One source of training samples (plain format), resized to `resolution`².
 
-    `encode_target(sample) -> (3,R,R)` is the task recipe's target encoding (e.g. depth normalisation); it is called
-    only when the format does not already provide an encoded target.
+    `encode_target({"depth", "valid"}) -> (3,h,w)` is the task recipe's target encoding (e.g. depth normalisation),
+    applied at the ground truth's native size; it is called only when the format does not provide a target image.
     """
 
     def __init__(
@@ -151,9 +157,13 @@ class TrainingFolder(Dataset):
         max_samples: int | None = None,
         items: list[tuple[Path, Path, Path | None]] | None = None,
         meta: DatasetMeta | None = None,
+        loss_resolution: str = "native",
     ):
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        if loss_resolution not in LOSS_RESOLUTIONS:
+            raise ValueError(f"unknown loss resolution {loss_resolution!r}; expected one of {LOSS_RESOLUTIONS}")
+        self.loss_resolution = loss_resolution
         self.root = Path(root)
         self.modality = modality
         self.resolution = resolution
@@ -210,11 +220,12 @@ class TrainingFolder(Dataset):
         if alpha.ndim == 3:  # a colour mask: its brightest channel (as evaluate.py reads masks); grey + alpha: the grey
             alpha = alpha[..., :3].max(-1) if alpha.shape[-1] >= 3 else alpha[..., 0]
         top = 1.0 if path.suffix == ".npy" else _image_full_scale(path)
-        return {"alpha": torch.from_numpy(alpha / top)[None]}
+        alpha = alpha.astype(np.uint8) if top == 255.0 else (alpha / top).astype(np.float32)
+        return {"alpha": alpha}  # native, resized in __getitem__
 
-    def _check_finite(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
-        for name, t in tensors.items():
-            if not torch.isfinite(t).all():
+    def _check_finite(self, arrays: dict, path: Path) -> None:
+        for name, t in arrays.items():
+            if not np.isfinite(np.asarray(t)).all():
                 raise BadSampleError(f"{path}: {name} contains NaN or inf values")
 
     def __getitem__(self, index: int) -> dict:
@@ -230,40 +241,73 @@ class TrainingFolder(Dataset):
         except Exception as err:
             raise BadSampleError(f"{target_path}: cannot read ({type(err).__name__}: {err})") from None
         self._check_finite(raw, target_path)
-        first = next(iter(raw.values()))
-        if first.shape[-2:] != rgb.shape[:2]:
-            raise BadSampleError(
-                f"{target_path}: size {tuple(first.shape[-2:])} does not match its image {image_path} {rgb.shape[:2]}"
-            )
+        # Image and ground truth are resized independently (their sizes need not match), as the authors do.
         size = self.resolution
-        sample: dict = {"path": str(image_path)}
-        rgb_t = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1.0
-        sample["rgb"] = _resize(rgb_t, size, "bilinear").clamp(-1, 1)
-        if "depth" in raw:
-            depth = raw["depth"]
-            valid = (depth > self.meta.min_depth) & (depth < self.meta.max_depth)
-            sample["depth"] = _resize(depth, size, "nearest-exact")
-            sample["valid"] = _resize(valid.float(), size, "nearest-exact") > 0.5
-            sample["depth"] = sample["depth"] * sample["valid"]
-            if "target_image" in raw:  # authors' format: already normalised to [0, 1]
-                sample["target"] = _resize(raw["target_image"], size, "bilinear") * 2 - 1
-        elif "normal" in raw:
-            normal = raw["normal"]
-            valid = normal.norm(dim=0, keepdim=True) > 1e-4
-            resized = _resize(normal, size, "bilinear")
-            sample["valid"] = _resize(valid.float(), size, "nearest-exact") > 0.5
-            sample["target"] = F.normalize(resized, dim=0) * sample["valid"]
-        else:
-            alpha = _resize(raw["alpha"], size, "bilinear").clamp(0, 1)
-            sample["valid"] = torch.ones_like(alpha, dtype=torch.bool)
+        sample: dict = {"path": str(image_path), "source": self.name, "rgb": resize_rgb(rgb, size)}
+        if "alpha" in raw:  # mattes are scored at the training size, over the whole image
+            alpha = torch.from_numpy(_resize_alpha(raw["alpha"], size))[None]
             sample["target"] = (alpha * 2 - 1).expand(3, -1, -1).contiguous()
-        if not sample["valid"].any():
+            return sample
+        if "depth" in raw:
+            gt = raw["depth"]
+            valid = (gt > self.meta.min_depth) & (gt < self.meta.max_depth)
+        else:
+            gt = raw["normal"]
+            valid = gt.norm(dim=0, keepdim=True) > NORMAL_VALID_NORM
+        if not valid.any():
             raise BadSampleError(f"{target_path}: no valid pixel")
-        if "target" not in sample:
+        if "target_image" in raw:  # the authors' format: a target image already normalised to [0, 1]
+            target = raw["target_image"] * 2 - 1
+        elif "normal" in raw:  # the normals themselves, not re-normalised (as the authors resize them)
+            target = gt
+        else:
             if self.encode_target is None:
                 raise ValueError("this dataset needs an encode_target function for its raw ground truth")
-            sample["target"] = self.encode_target(sample)
+            target = self.encode_target({"depth": gt * valid, "valid": valid})
+        sample["target"] = resize_bilinear(target, (size, size))
+        if self.loss_resolution == "train":
+            gt = resize_bilinear(gt, (size, size)) if "normal" in raw else _resize_nearest(gt, size)
+            valid = _resize_nearest(valid.float(), size) > 0.5
+        sample["gt"], sample["valid"] = gt, valid
         return sample
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (3, size, size) in [-1, 1]: a squash with PIL's antialiased bilinear filter on the 8-bit
+    image (what the authors' torchvision Resize does on a PIL image)."""
+    image = Image.fromarray(rgb)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0 * 2 - 1
+
+
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, H, W) -> (C, h, w), bilinear without antialias (the authors' F.interpolate on ground-truth rasters)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def _resize_nearest(x: torch.Tensor, size: int) -> torch.Tensor:
+    return _resize(x.float(), size, "nearest-exact")
+
+
+def _resize_alpha(alpha: np.ndarray, size: int) -> np.ndarray:
+    """An alpha matte squashed to size², in [0, 1]. 8-bit mattes go through PIL's bilinear filter in 8 bits, exactly
+    as the authors load them; deeper ones (16-bit PNG, float .npy) are resized in float with the same filter."""
+    if alpha.shape == (size, size):
+        return alpha
+    if alpha.dtype == np.uint8:
+        return np.asarray(Image.fromarray(alpha).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    resized = Image.fromarray(alpha.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack a batch; native-size ground truth ("gt", "valid") stays a list, since sizes may differ per image."""
+    ragged = {k: [s[k] for s in samples] for k in ("gt", "valid") if k in samples[0]}
+    rest = default_collate([{k: v for k, v in s.items() if k not in ragged} for s in samples])
+    return {**rest, **ragged}
 
 
 class OfficialDepthFolder(TrainingFolder):
@@ -300,7 +344,7 @@ class OfficialDepthFolder(TrainingFolder):
             if items:
                 lo, hi = SOURCE_DEPTH_RANGE[source]
                 meta = DatasetMeta(source=source, min_depth=lo, max_depth=hi)
-                found.append(cls(root, "depth", resolution, None, max_samples, items=items, meta=meta))
+                found.append(cls(root, "depth", resolution, None, max_samples, items=items, meta=meta, **kw))
         return found
 
 
@@ -321,7 +365,8 @@ class OfficialNormalFolder(TrainingFolder):
         groups["hypersim"] = [p for p in images if not p.name.startswith("sintel")]
         return [
             cls(root, "normal", resolution, None, max_samples,
-                items=[(p, root / "normal" / f"{p.stem}.h5", None) for p in items], meta=DatasetMeta(source=name))
+                items=[(p, root / "normal" / f"{p.stem}.h5", None) for p in items], meta=DatasetMeta(source=name),
+                **kw)
             for name, items in groups.items()
             if items
         ]
@@ -333,13 +378,14 @@ def open_sources(
     resolution: int,
     encode_target: Callable[[dict], torch.Tensor] | None = None,
     max_samples: int | None = None,
+    loss_resolution: str = "native",
 ) -> list[TrainingFolder]:
     """All training sources in a folder: one for the plain format, one per file-name group for the authors' format."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: no such dataset folder")
     if modality == "depth" and (root / "depth_ori").is_dir():
-        return OfficialDepthFolder.sources(root, resolution, max_samples)
+        return OfficialDepthFolder.sources(root, resolution, max_samples, loss_resolution=loss_resolution)
     if modality == "normal" and (root / "normal").is_dir() and any((root / "normal").glob("*.h5")):
-        return OfficialNormalFolder.sources(root, resolution, max_samples)
-    return [TrainingFolder(root, modality, resolution, encode_target, max_samples)]
+        return OfficialNormalFolder.sources(root, resolution, max_samples, loss_resolution=loss_resolution)
+    return [TrainingFolder(root, modality, resolution, encode_target, max_samples, loss_resolution=loss_resolution)]

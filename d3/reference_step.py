@@ -1,7 +1,7 @@
-"""The official code's training step, written out literally (PROTOCOLS §6.1): the oracle for the equivalence tests and
-the baseline of `benchmarks/train_step.py`.
+"""The training step batched as the authors batch it: the baseline of `benchmarks/train_step.py`, and the check that
+`d3_step`'s batching changes nothing (the independent oracle of the authors' whole step is `tests/authors_oracle.py`).
 
-Per image the official code makes N_T copies; every copy runs the frozen expert at its own noisy timestep AND the
+Per image the authors' code makes N_T copies; every copy runs the frozen expert at its own noisy timestep AND the
 student on the (identical) clean latent, every copy's student output is decoded by the VAE, and the task loss is
 averaged over the copies. It also encodes the target image with the VAE, which it never uses. `d3_step` must give
 the same losses and gradients while running the student and the decoder once per image.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from d3.aggregation import D3Model
-from d3.backbone import decode_latent, encode_image
-from d3.denoisers import as_denoiser
-from d3.training import StepOutput
+from .aggregation import D3Model
+from .backbone import decode_latent, encode_image
+from .denoisers import as_denoiser
+from .training import StepOutput
 
 
 def _repeat(batch: dict, n: int) -> dict:
@@ -28,7 +28,7 @@ def _repeat(batch: dict, n: int) -> dict:
     return out
 
 
-def official_step(
+def per_copy_step(
     model: D3Model,
     teacher: torch.nn.Module,
     teacher_capture,
