@@ -89,7 +89,8 @@ def depth_losses(pred: torch.Tensor, target: torch.Tensor, depth: Sequence[torch
         mse_sum, mse_n = mse_sum + (err * v).sum(), mse_n + v.sum()
         mse_all.append(err)
 
-        p_unit = (p * 0.5 + 0.5).clamp(0, 1).mean(0, keepdim=True)  # as the decoded image is post-processed
+        # post-processed (clamped to [0, 1]) at the training size, THEN resized, as the authors do
+        p_unit = resize_to(unit_map(pred[i:i + 1].to(work)), size)[0]
         if v.any():
             s, b, ok = fit_scale_shift(p_unit, d, v)
             aligned = s * p_unit + b
