@@ -23,7 +23,7 @@ PROMPT = PROMPTS["matting"]
 # One source in the paper (P3M-10k); several folders given at once are mixed equally unless `--dataset PATH:PROB`.
 MIXING = {"p3m": 1.0}
 
-# Appendix 6.4 / PROTOCOLS §6.5: L_task = 5·MSE + 10·L1 + 50·multi-scale gradient (each has a --lambda_<term> flag).
+# Appendix 6.4 and the authors' train_matting.py: L_task = 5·MSE + 10·L1 + 50·multi-scale gradient (each has a --lambda_<term> flag).
 LOSS_WEIGHTS = {"mse": 5.0, "l1": 10.0, "grad": 50.0}
 
 # Target: alpha in [0, 1] mapped to alpha·2 − 1 and replicated on the 3 channels (built by the folder reader, as the

@@ -5,7 +5,7 @@ Per batch of B images and N_T expert timesteps:
 - the student sees the clean latent z once per image at its own (learned or fixed) timestep. Its input does not
   depend on t, so its features are computed once and broadcast over the N_T timesteps; the official code runs the
   student (and the VAE decoder) on N_T identical copies, which gives the same losses and gradients at N_T times the
-  cost (`tests/official_step.py` keeps that reference and the tests hold the two equal);
+  cost (`d3/reference_step.py` keeps that batching and the tests hold the two equal);
 - the projection heads map the student's features into each expert timestep's space and
   L_agg = Σ_k (1 − mean cosine similarity over batch, timesteps and tokens).
 """
