@@ -109,7 +109,8 @@ def _infer(input_dir, ckpt, out, *extra):
 def test_infer_output_scores_as_evaluate_checkpoint_depth(scannet, tiny_depth_checkpoint, tmp_path, mode):
     # the matching pairs: evaluate's default (squash) with infer --resize_mode squash; infer's default (keep_aspect)
     # with evaluate --resize_mode keep_aspect
-    _infer(scannet, tiny_depth_checkpoint, tmp_path / "pred", *(["--resize_mode", "squash"] if mode == "squash" else []))
+    squash = ["--resize_mode", "squash"] if mode == "squash" else []
+    _infer(scannet, tiny_depth_checkpoint, tmp_path / "pred", *squash)
     assert (tmp_path / "pred" / "scene0011_00" / "color" / "000100_depth.npy").is_file()  # mirrors the data folder
     from_infer = _predictions_eval("scannet", scannet, tmp_path / "pred", tmp_path / "files")
     in_memory = _checkpoint_eval("scannet", scannet, tiny_depth_checkpoint, tmp_path / "mem",
