@@ -6,7 +6,10 @@
   python evaluate.py --dataset p3m --data-root DATA/P3M-10k/validation --predictions ALPHAS
   python evaluate.py --dataset folder --data-root MY_TASK --predictions MASKS
 
-Protocols: PROTOCOLS.md §1-4 (Marigold for depth and normals, P3M for matting). Writes
+Protocols: Marigold's for depth and normals, P3M's for matting. --checkpoint predicts as the paper's numbers were
+made: the image squashed to the checkpoint's square processing resolution (768 for the paper's models), as the
+authors' inference does; --resize_mode keep_aspect gives infer.py's default geometry instead. --predictions reads
+infer.py's output folder as it is (or .npy/.png files named after the RGB, or Marigold's names). Writes
 ``<output>/per_sample.csv`` and ``<output>/summary.json`` (``<output>/<name>/`` per set for all_*).
 """
 
@@ -18,6 +21,8 @@ from typing import List, Optional
 
 from d3.data.benchmarks import BENCHMARKS, GROUPS
 from d3.metrics import ALIGNMENTS
+
+RESIZE_MODES = ("squash", "keep_aspect")  # d3.predictor.RESIZE_MODES, without importing the model code
 
 
 def _processing_res(value: str):
@@ -33,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for all_*: the base dir)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="D3 checkpoint (folder, hub id or official .pth): predict in memory")
-    src.add_argument("--predictions", help="folder of saved predictions (ours or Marigold's naming); "
-                                           "for all_*: one sub-folder per dataset name")
+    src.add_argument("--predictions", help="folder of saved predictions: infer.py's output for the dataset folder "
+                                           "(<rgb path>_depth.npy / _normal.npy / _alpha_16bit.png), <rgb path>.npy "
+                                           "(.png), or Marigold's naming; for all_*: one sub-folder per dataset name")
     p.add_argument("--split", help="filename list (whitespace-separated, column 0 = RGB path); default: discover")
     p.add_argument("--output", help="output folder (default eval_results/<dataset>)")
     p.add_argument("--alignment", choices=ALIGNMENTS, default=None,
@@ -49,8 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="--checkpoint with the authors' .pth: the Stable Diffusion 2.1 base (hub id or local folder) "
                         "for the VAE and the prompt embedding (default: stabilityai/stable-diffusion-2-1)")
+    p.add_argument("--resize_mode", choices=RESIZE_MODES, default=None,
+                   help="--checkpoint: network input geometry. squash (default, the paper's protocol: the whole "
+                        "image squashed to a square of the processing resolution, plain bilinear both ways, as the "
+                        "authors' inference) or keep_aspect (infer.py's default: long side to the processing "
+                        "resolution, padded)")
     p.add_argument("--official_preprocess", action="store_true",
-                   help="--checkpoint: the authors' inference resizing (768x768 squash, plain bilinear both ways)")
+                   help="--checkpoint: the authors' inference exactly, a 768x768 squash whatever the checkpoint's "
+                        "processing resolution (= --resize_mode squash for the paper's 768 models)")
     p.add_argument("--save_predictions", help="--checkpoint: also write the predictions here (.npy, our naming)")
     p.add_argument("--batch_size", type=int, default=1, help="--checkpoint: images per predictor call")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -65,8 +77,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from d3.evaluation import PROTOCOL, EvaluationError, run
 
-    if args.save_predictions and not args.checkpoint:
-        build_parser().error("--save_predictions needs --checkpoint")
+    for flag, given in (("--save_predictions", args.save_predictions), ("--resize_mode", args.resize_mode),
+                        ("--official_preprocess", args.official_preprocess)):
+        if given and not args.checkpoint:
+            build_parser().error(f"{flag} needs --checkpoint (--predictions are scored as they are)")
+    if args.official_preprocess and args.resize_mode == "keep_aspect":
+        build_parser().error("--official_preprocess squashes to a square, not --resize_mode keep_aspect")
     try:
         run(
             args.dataset, args.data_root,
@@ -77,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             allow_invalid=args.allow_invalid, save_predictions=args.save_predictions,
             batch_size=args.batch_size, progress=not args.no_progress,
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-            official_preprocess=args.official_preprocess,
+            official_preprocess=args.official_preprocess, resize_mode=args.resize_mode,
         )
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--processing_res", type=int, default=None,
                    help="long side of the network input (default: the checkpoint's, 768); 0 = native size")
     p.add_argument("--resize_mode", choices=RESIZE_MODES, default=None,
-                   help="keep_aspect (default) or squash to a square as the authors' code does")
+                   help="keep_aspect (default: the best-looking output for arbitrary photos) or squash to a square "
+                        "as the authors' code and evaluate.py's default do (to get evaluate.py's numbers from these "
+                        "outputs, use the same mode on both)")
     p.add_argument("--official_preprocess", action="store_true",
                    help="the authors' inference: 768x768 squash, plain bilinear both ways (VAE mean, not a sample)")
     p.add_argument("--batch_size", type=int, default=1)

@@ -15,9 +15,10 @@ for: a key that is none of the above, or a student weight the file lacks, stops 
 The VAE and the prompt embedding come from the SD 2.1 base (the release's `ae.*` is that same frozen VAE, cast to
 bf16), so the text encoder is loaded once to embed the task's official prompt and then released.
 
-Inference then follows ours (aspect kept) unless `--official_preprocess` is given to infer.py / evaluate.py: the
-authors' 768x768 squash with plain bilinear resizing both ways. One difference always remains: they encode with a
-*sample* of the VAE posterior, d3 with its mean, so our outputs are deterministic.
+infer.py then follows ours (aspect kept) unless `--resize_mode squash` or `--official_preprocess` is given; evaluate.py
+squashes by default, as the paper's numbers were made: the authors' 768x768 squash with plain bilinear resizing both
+ways. One difference always remains: they encode with a *sample* of the VAE posterior, d3 with its mean, so our
+outputs are deterministic.
 
 Only tensors are read: `torch.load(weights_only=True)` (nothing arbitrary is unpickled) or safetensors.
 """

@@ -2,15 +2,20 @@
 
 Per sample: get the prediction (a file, or the one-step predictor in memory), check its shape and
 values, align / clip (depth), compute the metrics of :mod:`d3.metrics`; then average with equal
-weight per image and write ``per_sample.csv`` and ``summary.json``.
+weight per image and write ``per_sample.csv`` and ``summary.json``. ``--checkpoint`` predicts in the paper's
+geometry by default, a squash to the square processing resolution (:func:`load_predictor`); summary.json records it.
 
-Prediction files (``--predictions DIR``) are looked up, in this order, as
-  1. ours: ``DIR/<RGB path relative to the data root, extension replaced by .npy>``
-     (matting / segmentation also ``.png``);
-  2. the reference tool's naming: Marigold depth ``DIR/<rgb dir>/pred_<...>.npy`` (PROTOCOLS §1.0:
-     NYU ``rgb_0001.png -> pred_0001.npy``, the others ``X.ext -> pred_X.npy``); Marigold normals
-     ``DIR/<rgb dir>/<rgb stem>.npy`` (same as ours); P3M / segmentation flat
-     ``DIR/<image stem>.{npy,png}``.
+Prediction files (``--predictions DIR``) are looked up, in this order (``REL`` = the RGB path relative to the
+data root without its extension), as
+  1. infer.py's output for the dataset folder, its lossless file: ``DIR/REL_depth.npy``, ``DIR/REL_normal.npy``,
+     ``DIR/REL_alpha_16bit.png`` (matting and segmentation);
+  2. plain names: ``DIR/REL.npy`` (matting / segmentation also ``.png``);
+  3. the reference tool's naming: Marigold depth ``DIR/<rgb dir>/pred_<...>.npy`` (NYU
+     ``rgb_0001.png -> pred_0001.npy``, the others ``X.ext -> pred_X.npy``); Marigold normals
+     ``DIR/<rgb dir>/<rgb stem>.npy`` (the plain name);
+  4. infer.py's 8-bit ``DIR/REL_alpha.png`` (matting and segmentation);
+and for matting / segmentation the same names flat, by image stem (P3M's own layout, or infer.py run on the image
+folder). A file that is the sample's own GT is refused (``--predictions`` pointed at the data).
 Depth: float HxW or 1xHxW at GT resolution (never resized). Normals: (H,W,3) or (3,H,W), camera frame
 x right, y up, z toward the camera. Alpha / masks: HxW ``.npy`` in [0, 1] or an 8/16-bit PNG
 (a 3-channel map is reduced by its channel mean).
@@ -69,23 +74,43 @@ def marigold_pred_name(rgb_basename: str, name_mode: str) -> str:
     return os.path.splitext(name)[0] + ".npy"
 
 
+# What infer.py writes per image (d3/outputs.py), lossless first; the 8-bit alpha only after every other name.
+INFER_SUFFIXES = {"depth": ("_depth.npy",), "normal": ("_normal.npy",), "matting": ("_alpha_16bit.png",),
+                  "segmentation": ("_alpha_16bit.png",)}
+INFER_LOSSY_SUFFIXES = {"matting": ("_alpha.png",), "segmentation": ("_alpha.png",)}
+
+
 def prediction_candidates(bench: Benchmark, rgb_rel: str) -> List[str]:
-    """Relative paths under the prediction folder, in lookup order (ours first)."""
+    """Relative paths under the prediction folder, in lookup order: infer.py's lossless file, the plain names,
+    Marigold's depth naming, then (matting / segmentation) infer.py's 8-bit alpha; matting and segmentation also
+    flat (by image stem) after the mirrored paths."""
     p = PurePosixPath(rgb_rel)
-    stem = str(p.with_suffix(""))
     exts = (".npy", ".png") if bench.task in ("matting", "segmentation") else (".npy",)
-    out = [stem + e for e in exts]
+
+    def names(stem: str) -> List[str]:
+        return ([stem + s for s in INFER_SUFFIXES[bench.task]] + [stem + e for e in exts]
+                + [stem + s for s in INFER_LOSSY_SUFFIXES.get(bench.task, ())])
+
+    out = names(str(p.with_suffix("")))
     if isinstance(bench, DepthBenchmark):
         out.append(str(p.parent / marigold_pred_name(p.name, bench.pred_name_mode)))
     elif bench.task in ("matting", "segmentation"):
-        out += [p.stem + e for e in exts]
+        out += names(p.stem)
     return list(dict.fromkeys(x[2:] if x.startswith("./") else x for x in out))
 
 
-def find_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str) -> Path:
+def find_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str, gt_rel: Optional[str] = None) -> Path:
+    """The first candidate present. A candidate that is the sample's own GT file (``--predictions`` pointed at the
+    data folder, where DIODE's ``X_depth.npy`` and the normal sets' ``X_normal.npy`` are GT) is an error."""
     cands = prediction_candidates(bench, rgb_rel)
+    gt_file = None
+    if gt_rel and bench.root.is_dir():  # (a .tar holds no file a prediction path could be)
+        gt_file = (bench.root / gt_rel).resolve()
     for rel in cands:
         if (pred_dir / rel).is_file():
+            if gt_file is not None and (pred_dir / rel).resolve() == gt_file:
+                raise EvaluationError(f"{bench.name} sample {rgb_rel}: {pred_dir / rel} is the ground truth itself; "
+                                      "--predictions must be a folder of predictions, not the dataset")
             return pred_dir / rel
     raise EvaluationError(f"{bench.name} sample {rgb_rel}: prediction missing; looked for "
                           + ", ".join(str(pred_dir / c) for c in cands))
@@ -99,8 +124,8 @@ def read_prediction_file(path: Path) -> np.ndarray:
     raise EvaluationError(f"{path}: unsupported prediction format (expected .npy or .png)")
 
 
-def _read_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str) -> np.ndarray:
-    path = find_prediction(pred_dir, bench, rgb_rel)
+def _read_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str, gt_rel: Optional[str] = None) -> np.ndarray:
+    path = find_prediction(pred_dir, bench, rgb_rel, gt_rel)
     try:
         return read_prediction_file(path)
     except EvaluationError:
@@ -254,13 +279,52 @@ def make_scorer(bench: Benchmark, device, alignment=None, alignment_max_res=PROT
 # Checkpoint mode
 # ----------------------------------------------------------------------------------------------
 
+EVAL_RESIZE_MODE = "squash"  # the paper's protocol: the authors' square network input (see load_predictor)
+
+
 def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_or_path: Optional[str] = None,
-                   official_preprocess: bool = False):
-    """A d3 folder (or its hub id) or the authors' .pth, which needs the SD 2.1 base for its VAE and prompt."""
+                   official_preprocess: bool = False, resize_mode: Optional[str] = None):
+    """A d3 folder (or its hub id) or the authors' .pth, which needs the SD 2.1 base for its VAE and prompt.
+
+    Set up for the paper's protocol by default: ``resize_mode`` (default ``squash``) replaces the checkpoint's own.
+    The authors train on squashed squares and predict on a squash of the whole image (their inference script: a
+    768x768 bilinear resize without antialiasing, and back the same way), and their tables come from such
+    predictions; ``squash`` does that at the checkpoint's processing resolution (768 for the paper's models and for
+    the authors' .pth). ``keep_aspect`` is ``infer.py``'s default geometry (long side to the processing resolution,
+    padded). ``official_preprocess`` also fixes the resolution at 768 whatever the checkpoint says."""
+    import dataclasses
+
+    from d3.predictor import RESIZE_MODES
     from d3.predictor import load_predictor as load  # only the --checkpoint path needs the model code
 
-    return load(checkpoint, device=device, pretrained_model_name_or_path=pretrained_model_name_or_path,
-                official_preprocess=official_preprocess)
+    mode = resize_mode or EVAL_RESIZE_MODE
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
+    if official_preprocess and mode != "squash":
+        raise ValueError("official_preprocess squashes to a square; it cannot be combined with resize mode " + mode)
+    predictor = load(checkpoint, device=device, pretrained_model_name_or_path=pretrained_model_name_or_path,
+                     official_preprocess=official_preprocess)
+    predictor.config = dataclasses.replace(predictor.config, resize_mode=mode)
+    return predictor
+
+
+def predictor_resize_mode(predictor) -> Optional[str]:
+    config = getattr(predictor, "config", None)
+    mode = config.get("resize_mode") if isinstance(config, dict) else getattr(config, "resize_mode", None)
+    return mode if mode is not None else getattr(predictor, "resize_mode", None)
+
+
+def describe_geometry(resize_mode: Optional[str], processing_res: Optional[int]) -> str:
+    """summary.json's words for the network input geometry of --checkpoint."""
+    if not processing_res:
+        return "native resolution (padded to the network's size multiple), no resizing"
+    if resize_mode == "squash":
+        return (f"squashed to {processing_res}x{processing_res} (aspect ratio not kept), bilinear without "
+                "antialiasing, predicted back to the original size the same way (the authors' inference)")
+    if resize_mode == "keep_aspect":
+        return (f"long side resized to {processing_res} (aspect ratio kept, antialiased when shrinking), padded to "
+                "the network's size multiple, cropped and resized back to the original size")
+    return f"the predictor's own at processing resolution {processing_res}"
 
 
 def predictor_default_res(predictor) -> Optional[int]:
@@ -340,8 +404,12 @@ def evaluate_benchmark(
     save_predictions: Optional[os.PathLike] = None,
     batch_size: int = 1,
     progress: bool = True,
+    resize_mode: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Score one benchmark; returns the summary (also written to ``output/summary.json``)."""
+    """Score one benchmark; returns the summary (also written to ``output/summary.json``).
+
+    ``resize_mode`` is given to the predictor's ``predict`` (None: the predictor's own, e.g. what
+    :func:`load_predictor` set)."""
     if (predictions is None) == (predictor is None):
         raise ValueError("give exactly one of predictions (a folder) or predictor")
     device = resolve_device(device) if not isinstance(device, torch.device) else device
@@ -355,6 +423,7 @@ def evaluate_benchmark(
     if predictor is not None and task is not None and bench.task != "segmentation" and task != bench.task:
         raise EvaluationError(f"{bench.name} is a {bench.task} benchmark but the checkpoint predicts {task!r}")
     scorer = make_scorer(bench, device, alignment, alignment_max_res, pooling)
+    gt_of = {e.rgb: e.gt for e in bench.entries} if pred_dir is not None else {}
     invalid = InvalidCounter(allow_invalid)
     skipped_empty: List[str] = []
     rows: List[Dict[str, Any]] = []
@@ -381,14 +450,15 @@ def evaluate_benchmark(
                 name = bench.entries[i].rgb
                 skip_or_raise(name, e if name in str(e) else EvaluationError(f"{bench.name} sample {name}: {e}"))
         if predictor is not None and samples:
+            geometry = {"resize_mode": resize_mode} if resize_mode is not None else {}
             with torch.no_grad():
                 raw = _as_list(predictor.predict([s.rgb for s in samples], processing_res=processing_res,
-                                                 batch_size=len(samples)), len(samples))
+                                                 batch_size=len(samples), **geometry), len(samples))
         else:
             raw = []
             for s in samples:
                 try:
-                    raw.append(_read_prediction(pred_dir, bench, s.name))
+                    raw.append(_read_prediction(pred_dir, bench, s.name, gt_of.get(s.name)))
                 except EvaluationError as e:
                     skip_or_raise(s.name, e)
                     raw.append(None)
@@ -423,8 +493,12 @@ def evaluate_benchmark(
     proto = {**bench.protocol(), **scorer.protocol()}
     if predictor is not None:
         proto["processing_res"] = processing_res if processing_res is not None else predictor_default_res(predictor)
+        proto["resize_mode"] = resize_mode or predictor_resize_mode(predictor)
+        proto["geometry"] = describe_geometry(proto["resize_mode"], proto["processing_res"])
     else:
         proto["processing_res"] = None  # predictions read from files, at GT resolution
+        proto["resize_mode"] = None
+        proto["geometry"] = "predictions read from files at GT resolution (made elsewhere, geometry unknown)"
     summary["protocol"] = proto
     summary["checkpoint"] = str(checkpoint) if predictor is not None else None
     summary["predictions"] = str(pred_dir) if pred_dir is not None else None
@@ -581,8 +655,11 @@ def run(
     device = resolve_device(kwargs.pop("device", "auto"))
     base_model = kwargs.pop("pretrained_model_name_or_path", None)  # for an official .pth checkpoint
     official_preprocess = kwargs.pop("official_preprocess", False)
+    resize_mode = kwargs.pop("resize_mode", None)  # None: squash for a checkpoint, a given predictor's own
     if predictor is None and checkpoint is not None:
-        predictor = load_predictor(checkpoint, device, base_model, official_preprocess)
+        predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
+    elif resize_mode is not None:
+        kwargs["resize_mode"] = resize_mode
     label = str(checkpoint) if checkpoint is not None else str(predictions)
     save = kwargs.pop("save_predictions", None)
 

@@ -23,9 +23,10 @@ the processor gives them the same input shape (Depth Pro always does).
   official code uses for COCO).
 * ``relative``: depth up to an unknown scale (Depth Pro without its field-of-view head).
 * ``relative_inverse``: the raw output of relative models (DPT/MiDaS, Depth Anything relative),
-  which is an affine-invariant inverse depth (disparity up to scale *and shift*). Its reciprocal is
-  not a depth (the shift is unknown, and 0 or negative values occur), so the raw prediction is
-  stored unchanged; it must not be used as metric depth (the SSI loss of §6.5 fits metres).
+  an affine-invariant inverse depth (disparity up to scale *and shift*; larger = nearer), stored
+  unchanged. The training reader (``d3.data.folders``) turns it into depth up to scale, 1/value on
+  pixels > 0 (≤ 0 = invalid), with no metric range applied; that is exact only when the shift is
+  zero, which no reader can check.
 
 ``--depth_kind`` overrides the guess from the model type. Re-running skips images whose outputs
 exist; a folder labelled by one model refuses labels from another. An unreadable image is reported

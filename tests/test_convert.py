@@ -249,3 +249,7 @@ def test_infer_and_evaluate_accept_the_release(tmp_path, release, official_predi
     predictor = eval_load_predictor(str(release[0]), torch.device("cpu"),
                                     pretrained_model_name_or_path=str(tiny_backbone_dir))
     assert predictor.task == "depth" and predictor.config.student_timestep == TIMESTEP
+    # evaluate.py scores the release as the paper did: the authors' 768x768 squash, unless told otherwise
+    assert (predictor.config.resize_mode, predictor.config.processing_res) == ("squash", 768)
+    kept = eval_load_predictor(str(release[0]), torch.device("cpu"), str(tiny_backbone_dir), resize_mode="keep_aspect")
+    assert (kept.config.resize_mode, kept.config.processing_res) == ("keep_aspect", 768)

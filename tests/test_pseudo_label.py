@@ -121,6 +121,19 @@ def test_pseudo_label_end_to_end_relative(models, images, tmp_path, capsys):
         assert im.mode == "RGB"  # the RGBA input, composited on white as d3.io decodes it
     assert not list(out.rglob("*.tmp"))
 
+    # the training reader turns the stored disparity into depth: 1/label where > 0, invalid elsewhere (16x16: no
+    # resize at resolution 16, so pixels correspond)
+    from d3.data.folders import TrainingFolder
+    from train_depth import encode_depth_target
+
+    ds = TrainingFolder(out, "depth", 16, encode_target=encode_depth_target)
+    sample = ds[[p.stem for p, _, _ in ds.items].index("w")]
+    label = load_depth(out, "c/w").astype(np.float64)
+    assert (label > 0).any() and (label <= 0).any()  # this tiny random model predicts both
+    np.testing.assert_array_equal(sample["valid"][0].numpy(), label > 0)
+    np.testing.assert_allclose(sample["depth"][0].numpy(), np.where(label > 0, 1 / np.where(label > 0, label, 1), 0),
+                               rtol=1e-6)
+
     # resumable: a second run labels nothing new
     assert main(argv) == 1
     assert "0 written, 5 skipped (already done), 1 failed" in capsys.readouterr().out

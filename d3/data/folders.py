@@ -3,10 +3,28 @@
 Plain folder format (written by `d3.prepare`, `d3.pseudo_label`, `d3.data.synthetic`)::
 
     ROOT/d3_dataset.json        optional: source, depth_png_scale, min_depth, max_depth, depth_kind
-    ROOT/rgb/REL.{png,jpg,...}  (also accepted: images/, blurred_image/, original_image/)
+    ROOT/rgb/REL.{png,jpg,...}  (also accepted: image/, images/, blurred_image/, original_image/)
     ROOT/depth/REL.{npy,png,h5} metres; ≤ 0 = invalid; uint16 PNG × depth_png_scale (default 0.001)
     ROOT/normal/REL.{npy,png}   unit normals (H,W,3), camera frame x right, y up, z toward the camera; 0 = invalid
-    ROOT/alpha/REL.png          alpha matte (also accepted: mask/, masks/)
+    ROOT/alpha/REL.png          alpha matte (also accepted: alphas/, mask/, masks/)
+
+The image folder and the target folder pair up by REL, so P3M's `blurred_image/` + `mask/`, `image/` + `mask/`,
+`images/` + `alphas/` and `images/` + `masks/` all work as they are.
+
+`depth_kind` in d3_dataset.json says what the depth files hold:
+
+* ``metric`` (default): depth in metres; valid where min_depth < d < max_depth (defaults 1e-5 and 80 m).
+* ``relative``: depth up to an unknown scale (e.g. Depth Pro without its field-of-view head).
+* ``relative_inverse``: disparity up to an unknown scale, larger = nearer (what `d3.pseudo_label` writes for
+  DPT / MiDaS / Depth Anything relative models: their raw output). The reader turns it into depth, 1/value on
+  pixels > 0; pixels ≤ 0 are invalid. The conversion is exact for a disparity known up to scale; such models'
+  outputs may also carry an unknown shift, which no reader can remove, so 1/value is then only an approximation
+  of depth up to scale.
+
+For both relative kinds the scale is arbitrary, so no metric range may cut the depth: the valid range defaults to
+0 < d < inf (min_depth / max_depth in d3_dataset.json, if given, still apply to the converted depth). Nothing
+downstream needs metres: the depth target is normalised per image by its 2 %/98 % quantiles, and the affine-invariant
+loss fits its own scale and shift. Any other `depth_kind` is an error naming the file.
 
 A sample is what the authors' loaders give, with image and ground truth resized independently (their sizes need not
 match): "rgb" (3,R,R) in [-1, 1], squashed to the square training size with PIL's bilinear filter; "target" (3,R,R)
@@ -34,8 +52,8 @@ from torch.utils.data import Dataset, default_collate
 from ..io import IMAGE_EXTENSIONS, ImageReadError, load_rgb
 
 MODALITIES = ("depth", "normal", "alpha")
-RGB_DIRS = ("rgb", "images", "blurred_image", "original_image")
-MODALITY_DIRS = {"depth": ("depth",), "normal": ("normal",), "alpha": ("alpha", "mask", "masks")}
+RGB_DIRS = ("rgb", "image", "images", "blurred_image", "original_image")
+MODALITY_DIRS = {"depth": ("depth",), "normal": ("normal",), "alpha": ("alpha", "alphas", "mask", "masks")}
 MODALITY_EXTS = {"depth": (".npy", ".png", ".h5"), "normal": (".npy", ".png", ".h5"), "alpha": (".png", ".jpg", ".npy")}
 # Valid depth ranges of the official code's source types (metres).
 SOURCE_DEPTH_RANGE = {"hypersim": (1e-5, 65.0), "vkitti": (1e-5, 80.0), "coco": (1e-5, 80.0)}
@@ -55,6 +73,7 @@ class DatasetMeta:
     max_depth: float = 80.0
     depth_kind: str = "metric"
     extra: dict = field(default_factory=dict)
+    KINDS = ("metric", "relative", "relative_inverse")  # what "depth_kind" may say (module docstring)
 
     @classmethod
     def read(cls, root: Path) -> DatasetMeta:
@@ -72,6 +91,12 @@ class DatasetMeta:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         known = {k: data.pop(k) for k in ("source", "depth_png_scale", "min_depth", "max_depth", "depth_kind") if k in data}
         known.setdefault("source", source)
+        kind = known.get("depth_kind", "metric")
+        if kind not in cls.KINDS:
+            raise ValueError(f"{path}: depth_kind {kind!r} is not one of {cls.KINDS}")
+        if kind != "metric":  # depth up to an arbitrary scale: a range in metres would cut it arbitrarily
+            known.setdefault("min_depth", 0.0)
+            known.setdefault("max_depth", float("inf"))
         return cls(**known, extra=data)
 
 
@@ -185,10 +210,13 @@ class TrainingFolder(Dataset):
         rgb_dir = next((self.root / d for d in RGB_DIRS if (self.root / d).is_dir()), None)
         target_dir = next((self.root / d for d in MODALITY_DIRS[self.modality] if (self.root / d).is_dir()), None)
         if rgb_dir is None or target_dir is None:
-            raise ValueError(
-                f"{self.root}: expected an image folder ({'/'.join(RGB_DIRS)}) and a "
-                f"{'/'.join(MODALITY_DIRS[self.modality])}/ folder for '{self.modality}'"
-            )
+            found = sorted(p.name + "/" for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            missing = [f"no {what} folder (expected one of {', '.join(d + '/' for d in dirs)})"
+                       for what, dirs, d in (("image", RGB_DIRS, rgb_dir),
+                                             (self.modality, MODALITY_DIRS[self.modality], target_dir)) if d is None]
+            found = f"its subfolders are {', '.join(found)}" if found else "it has no subfolders"
+            raise ValueError(f"{self.root}: {' and '.join(missing)} for '{self.modality}' training (images and "
+                             f"targets are paired by file name); {found}")
         items = []
         for image in sorted(p for p in rgb_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
             rel = str(image.relative_to(rgb_dir).with_suffix(""))
@@ -208,6 +236,13 @@ class TrainingFolder(Dataset):
             depth = read_array(path, png_scale=self.meta.depth_png_scale if path.suffix == ".png" else 1.0)
             if depth.ndim == 3:
                 depth = depth[..., 0]
+            if self.meta.depth_kind == "relative_inverse":  # disparity up to scale -> depth up to scale
+                disparity = depth.astype(np.float64)
+                positive = np.isfinite(disparity) & (disparity > 0)
+                depth = np.where(np.isfinite(disparity), 0.0, disparity)  # NaN / inf kept: rejected as non-finite
+                depth[positive] = 1.0 / disparity[positive]
+                depth[depth > np.finfo(np.float32).max] = 0.0  # 1/(a subnormal) overflows float32: invalid
+                depth = depth.astype(np.float32)
             return {"depth": torch.from_numpy(depth)[None]}
         if self.modality == "normal":
             normal = read_array(path, png_scale=1.0)
