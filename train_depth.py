@@ -18,8 +18,10 @@ from d3.training import TaskRecipe, main
 # Appendix 6.2: a fixed prompt per task.
 PROMPT = PROMPTS["depth"]
 
-# Appendix 6.3: Hypersim 0.76, Virtual KITTI 0.12, real images with pseudo labels 0.12 (by the folder's "source"
-# in d3_dataset.json; renormalised over the sources actually given; `--dataset PATH:PROB` overrides).
+# Appendix 6.3 and the authors' code: Hypersim 0.76, Virtual KITTI 0.12, real images with pseudo labels 0.12 (by the
+# folder's "source" in d3_dataset.json; renormalised over the sources actually given; `--dataset PATH:PROB` overrides).
+# Under the default `--mixing official` they only order each epoch's batches, whose shares follow the sources' sizes
+# (about half real images for the authors' set); `--mixing paper` draws each batch's source with them.
 MIXING = {"hypersim": 0.76, "vkitti": 0.12, "coco": 0.12, "real": 0.12}
 
 # Appendix 6.4: L_task = 8·MSE + 2·affine-invariant L1 + 100·log-gradient (each weight has a --lambda_<term> flag).

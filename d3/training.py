@@ -31,7 +31,7 @@ from .backbone import (
 )
 from .denoisers import Denoiser
 from .data.folders import BadSampleError, collate, open_sources
-from .data.mixing import MixedBatchSampler, concat, mixing_probabilities, parse_dataset_spec
+from .data.mixing import MIXING_MODES, concat, make_sampler, mixing_probabilities, parse_dataset_spec
 from .features import LAYER_SETS, FeatureCapture
 from .heads import HEAD_TYPES, ProjectionHeads
 from .predictor import cast_module
@@ -50,6 +50,7 @@ class TaskRecipe:
     encode_target: Callable[[dict], torch.Tensor] | None = None  # raw sample -> 3-channel target in [-1, 1]
     flip_target: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)  # after a horizontal flip
     default_datasets: list[str] = field(default_factory=list)
+    paper_mixing: dict[str, float] | None = None  # the paper's stated shares where they differ (used by --mixing paper)
 
 
 # ------------------------------------------------------------------------------------------------------------ flags
@@ -61,11 +62,18 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--variant", default=None)
     a("--output_dir", default=f"d3-{recipe.task}", help="checkpoints and the final inference folder")
     a("--dataset", action="append", default=None, metavar="PATH[:PROB]",
-      help="training folder (plain or the authors' format), repeatable; PROB overrides its mixing share "
-           f"(defaults by source kind: {recipe.default_mixing})")
+      help="training folder (plain or the authors' format), repeatable; PROB overrides its mixing probability "
+           f"(defaults by source kind: {recipe.default_mixing}"
+           + (f"; with --mixing paper {recipe.paper_mixing}" if recipe.paper_mixing else "") + ")")
+    a("--mixing", default="official", choices=MIXING_MODES,
+      help="official (trained the released checkpoints): every full batch of every source once per epoch, so the "
+           "sources' sizes set their shares and the probabilities only order the batches; paper: each batch's source "
+           "drawn with the probabilities, with replacement, so the shares are the probabilities")
     a("--max_train_samples", type=int, default=None, help="use at most this many samples of each source (Fig. 8)")
     a("--resolution", type=int, default=768, help="square training resolution (images are squashed, as official)")
-    a("--hflip_prob", type=float, default=0.5)
+    a("--hflip_prob", type=float, default=0.0,
+      help="probability of a random horizontal flip per image (default 0: the authors train without augmentation; "
+           "0.5 is Marigold's choice)")
     a("--loss_resolution", default="native", choices=["native", "train"],
       help="where depth and normal losses are taken: at each ground truth's native size, as the authors' code does "
            "(native), or on ground truth resized to the training square (train)")
@@ -296,9 +304,14 @@ def build_training_data(args, recipe: TaskRecipe):
             raise SystemExit(f"error: {err}") from None
         sources += found
         given += [prob] * len(found)
-    probs = mixing_probabilities([s.name for s in sources], given, recipe.default_mixing)
+    defaults = recipe.paper_mixing if args.mixing == "paper" and recipe.paper_mixing else recipe.default_mixing
+    names = [s.name for s in sources]
+    probs = mixing_probabilities(names, given, defaults)
     dataset = SafeDataset(concat(sources), args.on_bad_sample)
-    sampler = MixedBatchSampler([len(s) for s in sources], probs, args.train_batch_size, seed=args.seed)
+    try:
+        sampler = make_sampler(args.mixing, [len(s) for s in sources], probs, args.train_batch_size, args.seed, names)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     return sources, probs, dataset, sampler
 
 
@@ -493,8 +506,10 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(f"d3-{recipe.task}", config=tracker_config)
-        for s, p in zip(sources, probs):
-            logger.info("source %-10s %7d samples, p=%.3f (%s)", s.name, len(s), p, s.root)
+        logger.info("mixing %s: %d batches per epoch", args.mixing, len(sampler))
+        for s, p, share in zip(sources, probs, sampler.expected_shares()):
+            logger.info("source %-10s %7d samples, p=%.3f, expected share of batches per epoch %.2f (%s)",
+                        s.name, len(s), p, share, s.root)
 
     batches_per_epoch = len(sampler)
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
@@ -588,6 +603,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                             f"loss/{k}": v.detach().item() for k, v in out.task_terms.items()}}
                 logs.update({f"align/{k}": v.detach().item() for k, v in out.per_layer.items()})
                 logs.update({k: v for k, v in counters.items() if k != "nonfinite_in_row"})
+                logs.update(sampler.running_shares(micro_step))  # mix/<source>: its share of the batches so far
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", t=f"{logs['student_timestep']:.1f}")
                 accelerator.log(logs, step=global_step)
                 history.append({"step": global_step, **logs})

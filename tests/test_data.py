@@ -12,7 +12,7 @@ from PIL import Image
 
 import train_depth
 from d3.data.folders import BadSampleError, TrainingFolder, open_sources
-from d3.data.mixing import MixedBatchSampler, mixing_probabilities, parse_dataset_spec
+from d3.data.mixing import mixing_probabilities, parse_dataset_spec
 
 
 def _write_rgb(path, h=12, w=16, seed=0):
@@ -103,25 +103,6 @@ def test_mixing_defaults_renormalise_over_the_given_sources():
     assert mixing_probabilities(["hypersim", "coco"], [None, 0.76], defaults) == pytest.approx([0.5, 0.5])
     assert parse_dataset_spec("/data/hypersim:0.5") == ("/data/hypersim", 0.5)
     assert parse_dataset_spec("/data/hypersim") == ("/data/hypersim", None)
-
-
-def test_mixed_batches_come_from_one_source_and_replay_exactly():
-    sampler = MixedBatchSampler([10, 30], [0.25, 0.75], batch_size=4, seed=3)
-    sampler.set_epoch(2)
-    first = list(sampler)
-    sampler.set_epoch(2)
-    assert list(sampler) == first  # a resumed run sees the same batches
-    sampler.set_epoch(3)
-    assert list(sampler) != first
-    assert len(first) == len(sampler) == 2 + 7
-    for batch in first:
-        assert len(batch) == 4 and (all(i < 10 for i in batch) or all(i >= 10 for i in batch))
-    counts = {"a": 0, "b": 0}
-    for epoch in range(200):
-        sampler.set_epoch(epoch)
-        for batch in sampler:
-            counts["a" if batch[0] < 10 else "b"] += 1
-    assert 0.2 < counts["a"] / sum(counts.values()) < 0.3
 
 
 def test_source_without_a_d3_dataset_json_is_guessed_from_the_folder_and_its_parent(tmp_path):

@@ -186,7 +186,7 @@ def _h5_normals(path, normal: np.ndarray) -> None:
         f["depth"] = normal  # the authors' files keep normals under the key 'depth'
 
 
-def test_authors_normal_format_splits_sintel_and_mixes_09_01(tmp_path):
+def test_authors_normal_format_splits_sintel_and_mixes_as_the_authors_code(tmp_path):
     root = tmp_path / "Hypersim_normal_30_k"
     (root / "rgb").mkdir(parents=True)
     (root / "normal").mkdir()
@@ -195,11 +195,12 @@ def test_authors_normal_format_splits_sintel_and_mixes_09_01(tmp_path):
         Image.fromarray(scene.rgb).save(root / "rgb" / f"{stem}.png")
         _h5_normals(root / "normal" / f"{stem}.h5", scene.normal)
         (root / f"{stem}.json").write_text(json.dumps({"caption": train_normal.PROMPT}))
-    args = build_parser(train_normal.RECIPE).parse_args(["--dataset", str(root), "--resolution", "32"])
+    args = build_parser(train_normal.RECIPE).parse_args(["--dataset", str(root), "--resolution", "32",
+                                                         "--train_batch_size", "1"])
     sources, probs, dataset, _ = build_training_data(args, train_normal.RECIPE)
     shares = {s.name: p for s, p in zip(sources, probs)}
     assert {s.name: len(s) for s in sources} == {"hypersim": 2, "sintel": 1}
-    assert shares == pytest.approx({"hypersim": 0.9, "sintel": 0.1})
+    assert shares == pytest.approx({"hypersim": 0.985, "sintel": 0.015})  # the authors' code (--mixing official)
     sample = dataset[0]
     assert sample["target"].shape == (3, 32, 32)
     valid = sample["valid"][0].numpy()
@@ -215,10 +216,13 @@ def test_plain_sources_mix_by_their_declared_source(tmp_path):
         _plain_normal_folder(root, {"x": scene.normal}, scene.rgb)
         (root / "d3_dataset.json").write_text(json.dumps({"source": source}))
         roots.append(str(root))
-    args = build_parser(train_normal.RECIPE).parse_args(["--dataset", roots[0], "--dataset", roots[1]])
+    parse = build_parser(train_normal.RECIPE).parse_args
+    args = parse(["--dataset", roots[0], "--dataset", roots[1], "--train_batch_size", "1"])
     sources, probs, _, _ = build_training_data(args, train_normal.RECIPE)
-    assert [s.name for s in sources] == ["hypersim", "sintel"] and probs == pytest.approx([0.9, 0.1])
-    args = build_parser(train_normal.RECIPE).parse_args(["--dataset", roots[0], "--dataset", roots[1] + ":0.9"])
+    assert [s.name for s in sources] == ["hypersim", "sintel"] and probs == pytest.approx([0.985, 0.015])
+    args = parse(["--dataset", roots[0], "--dataset", roots[1], "--train_batch_size", "1", "--mixing", "paper"])
+    assert build_training_data(args, train_normal.RECIPE)[1] == pytest.approx([0.9, 0.1])  # appendix 6.3
+    args = parse(["--dataset", roots[0] + ":0.9", "--dataset", roots[1] + ":0.9", "--train_batch_size", "1"])
     assert build_training_data(args, train_normal.RECIPE)[1] == pytest.approx([0.5, 0.5])
 
 
