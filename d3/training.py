@@ -31,7 +31,7 @@ from .backbone import (
 )
 from .denoisers import Denoiser
 from .data.folders import BadSampleError, collate, open_sources
-from .data.mixing import MIXING_MODES, concat, make_sampler, mixing_probabilities, parse_dataset_spec
+from .data.mixing import MIXING_MODES, RankSlice, concat, make_sampler, mixing_probabilities, parse_dataset_spec
 from .features import LAYER_SETS, FeatureCapture
 from .heads import HEAD_TYPES, ProjectionHeads
 from .predictor import cast_module
@@ -102,6 +102,8 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
     a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
     a("--logging_dir", default="logs")
+    a("--log_history", default=None, metavar="JSON",
+      help="also write every optimizer step's logged values (losses, lr, timestep, mixture) to this JSON file")
     # D³ objective
     a("--layer_set", default=None,
       help=f"aligned layers: UNet {LAYER_SETS} (default up), Flux single|single:N|double|all (default single: the "
@@ -214,17 +216,28 @@ def adamw(params, args, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, **adam_hyperparameters(args), fused=fused or None)
 
 
+def all_finite(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (one process skipping backward alone would hang the others)."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite)
+    return bool(finite.min() > 0)
+
+
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
     """Randomness of one micro-step derives from (seed, step) only, so a resumed run draws what an unbroken one would."""
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) % (2**63 - 1))
 
 
-def random_hflip(batch: dict, generator: torch.Generator, prob: float, flip_target) -> dict:
+def random_hflip(batch: dict, generator: torch.Generator, prob: float, flip_target, global_size: int | None = None,
+                 rows: slice | None = None) -> dict:
     """Flip each image (and its target and native ground truth) left-right with probability `prob`; `flip_target`
-    fixes values that change with the flip (the x component of normals)."""
+    fixes values that change with the flip (the x component of normals). The draw covers the global batch of
+    `global_size` images, of which this process holds `rows`."""
     if prob <= 0:
         return batch
-    flip = torch.rand(batch["rgb"].shape[0], generator=generator) < prob
+    n = batch["rgb"].shape[0]
+    flip = torch.rand(global_size or n, generator=generator)[rows or slice(0, n)] < prob
     if not flip.any():
         return batch
     out = dict(batch)
@@ -290,7 +303,9 @@ def stop_on_bad_sample(loader):
                          "samples)") from None
 
 
-def build_training_data(args, recipe: TaskRecipe):
+def build_training_data(args, recipe: TaskRecipe, num_processes: int = 1, process_index: int = 0):
+    """Sources, their mixing probabilities, the dataset and this process's batch sampler. The sampler draws global
+    batches of `train_batch_size × num_processes` and hands this process its slice (`RankSlice`)."""
     specs = args.dataset or recipe.default_datasets
     if not specs:
         raise SystemExit("error: no training data; pass --dataset PATH[:PROB] (see README, 'Training data')")
@@ -309,9 +324,12 @@ def build_training_data(args, recipe: TaskRecipe):
     probs = mixing_probabilities(names, given, defaults)
     dataset = SafeDataset(concat(sources), args.on_bad_sample)
     try:
-        sampler = make_sampler(args.mixing, [len(s) for s in sources], probs, args.train_batch_size, args.seed, names)
+        sampler = make_sampler(args.mixing, [len(s) for s in sources], probs, args.train_batch_size * num_processes,
+                               args.seed, names)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    if num_processes > 1:
+        sampler = RankSlice(sampler, process_index, num_processes)
     return sources, probs, dataset, sampler
 
 
@@ -425,7 +443,10 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
 
     output_dir = Path(args.output_dir)
     report_to = None if args.report_to in (None, "none") else args.report_to
+    # Several processes on a machine without CUDA (torchrun / accelerate on CPUs) form a gloo group only with cpu=True.
+    cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=cpu_group,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
@@ -470,7 +491,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
     apply_speed_flags(model, teacher.model, vae, gradient_checkpointing=args.gradient_checkpointing,
                       channels_last=args.channels_last, compile=args.compile)
 
-    sources, probs, dataset, sampler = build_training_data(args, recipe)
+    sources, probs, dataset, sampler = build_training_data(args, recipe, accelerator.num_processes,
+                                                           accelerator.process_index)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -512,6 +534,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                         s.name, len(s), p, share, s.root)
 
     batches_per_epoch = len(sampler)
+    global_size = args.train_batch_size * accelerator.num_processes  # images per micro-step over all processes
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
@@ -559,17 +582,21 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
             with accelerator.accumulate(model):
                 if batch is not None:
                     batch = batch_to(batch, accelerator.device)
-                    batch = random_hflip(batch, generator, args.hflip_prob, recipe.flip_target)
                     b = batch["rgb"].shape[0]
-                    t = unwrapped.denoiser.sample_timesteps(b, args.num_timesteps, generator=generator)
-                    t = t.to(accelerator.device)
-                    latent_shape = (b, args.num_timesteps, unwrapped.denoiser.latent_channels,
+                    # Each sample's randomness comes from (seed, step, its place in the global batch), never from the
+                    # rank: every process draws the global batch's values and keeps its own rows.
+                    rows = slice(accelerator.process_index * args.train_batch_size,
+                                 accelerator.process_index * args.train_batch_size + b)
+                    batch = random_hflip(batch, generator, args.hflip_prob, recipe.flip_target, global_size, rows)
+                    t = unwrapped.denoiser.sample_timesteps(global_size, args.num_timesteps, generator=generator)
+                    t = t[rows].to(accelerator.device)
+                    latent_shape = (global_size, args.num_timesteps, unwrapped.denoiser.latent_channels,
                                     args.resolution // vae_scale_factor(vae), args.resolution // vae_scale_factor(vae))
-                    noise = torch.randn(latent_shape, generator=generator).to(accelerator.device)
+                    noise = torch.randn(latent_shape, generator=generator)[rows].to(accelerator.device)
                     with accelerator.autocast():
                         out = d3_step(model, teacher, teacher_capture, vae, backbone.scheduler, batch, prompt_embeds,
                                       recipe.task_loss, weights, t, noise, args.lambda_task, args.lambda_align)
-                    if torch.isfinite(out.loss):
+                    if all_finite(accelerator, out.loss):  # every process agrees, so none waits in backward alone
                         accelerator.backward(out.loss)
                         counters["nonfinite_in_row"] = 0
                     else:
@@ -597,11 +624,14 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
             global_step += 1
             progress.update(1)
             if batch is not None:
-                logs = {"loss": out.loss.detach().item(), "loss/align": out.align.detach().item(),
-                        "lr": lr_scheduler.get_last_lr()[0],
-                        "student_timestep": unwrapped.student_timestep.detach().item(), **{
-                            f"loss/{k}": v.detach().item() for k, v in out.task_terms.items()}}
-                logs.update({f"align/{k}": v.detach().item() for k, v in out.per_layer.items()})
+                losses = {"loss": out.loss, "loss/align": out.align, **{f"loss/{k}": v for k, v in out.task_terms.items()},
+                          **{f"align/{k}": v for k, v in out.per_layer.items()}}
+                values = torch.stack([v.detach().float() for v in losses.values()])
+                if accelerator.num_processes > 1:  # the global batch's mean, as one process would log it
+                    values = accelerator.reduce(values, reduction="mean")
+                logs = dict(zip(losses, values.tolist()))
+                logs.update({"lr": lr_scheduler.get_last_lr()[0],
+                             "student_timestep": unwrapped.student_timestep.detach().item()})
                 logs.update({k: v for k, v in counters.items() if k != "nonfinite_in_row"})
                 logs.update(sampler.running_shares(micro_step))  # mix/<source>: its share of the batches so far
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", t=f"{logs['student_timestep']:.1f}")
@@ -619,6 +649,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
         export_predictor(final, unwrapped, vae, prompt_embeds, args, recipe, full_state)
         if counters["bad_samples"]:
             logger.warning("%d bad samples were skipped (see the warnings above)", counters["bad_samples"])
+    if accelerator.is_main_process and getattr(args, "log_history", None):
+        Path(args.log_history).write_text(json.dumps(history, indent=1))
     accelerator.end_training()
     return TrainResult(final, history)
 

@@ -283,3 +283,37 @@ def make_sampler(mode: str, sizes: list[int], probabilities: list[float], batch_
 
 def concat(datasets) -> ConcatDataset:
     return ConcatDataset(datasets)
+
+
+class RankSlice(Sampler[list[int]]):
+    """One process's share of every global batch: rank r of W takes items [r·B, (r+1)·B) of each batch of W·B.
+
+    The global batches (and so the mixture, the epoch length and a resume's position) do not depend on how many
+    processes share them, so W processes × B images see exactly what 1 process × W·B images would, each sample of an
+    epoch on exactly one rank."""
+
+    def __init__(self, sampler: _SourceMixSampler, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if sampler.batch_size % world_size:
+            raise ValueError(f"a global batch of {sampler.batch_size} does not split over {world_size} processes")
+        self.sampler = sampler
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = sampler.batch_size // world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        lo = self.rank * self.batch_size
+        for batch in self.sampler:
+            yield batch[lo:lo + self.batch_size]
+
+    def __getattr__(self, name):  # expected_shares, running_shares, names, ... of the global sampler
+        if name == "sampler":
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
