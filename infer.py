@@ -4,7 +4,7 @@
     python infer.py --input photos/ --checkpoint depth_checkpoint.pth --pretrained_model_name_or_path SD21_DIR
     torchrun --nproc_per_node 8 infer.py --input photos/ --checkpoint d3-depth --output predictions/
 
-Several processes (torchrun, or accelerate launch --num_processes N) split the sorted files: process r of N takes
+Several processes (torchrun, or accelerate launch --multi_gpu --num_processes N) split the sorted files: process r of N takes
 files r, r+N, r+2N, ...; the outputs are those of one process, and one summary line counts them all.
 
 Outputs mirror the input folder structure (file names per task: see d3/outputs.py or the README). A file that
