@@ -2,6 +2,10 @@
 
     python infer.py --input photos/ --checkpoint d3-depth --output predictions/
     python infer.py --input photos/ --checkpoint depth_checkpoint.pth --pretrained_model_name_or_path SD21_DIR
+    torchrun --nproc_per_node 8 infer.py --input photos/ --checkpoint d3-depth --output predictions/
+
+Several processes (torchrun, or accelerate launch --multi_gpu --num_processes N) split the sorted files: process r of N takes
+files r, r+N, r+2N, ...; the outputs are those of one process, and one summary line counts them all.
 
 Outputs mirror the input folder structure (file names per task: see d3/outputs.py or the README). A file that
 cannot be read is reported with its reason; the others are still processed, and the exit status is non-zero.
@@ -19,6 +23,7 @@ from d3.io import find_images, load_rgb
 from d3.outputs import SUFFIXES, output_paths, write_outputs
 from d3.predictor import RESIZE_MODES, TASKS, CheckpointError, D3Predictor, load_predictor
 from d3.prefetch import default_workers, predict_files
+from d3.sharding import Shard
 
 OUTPUT_SUFFIXES = tuple(suffix for names in SUFFIXES.values() for suffix in names)
 
@@ -44,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="default: bf16/fp16 on a GPU, fp32 on the CPU")
-    p.add_argument("--device", default=None, help="default: cuda > mps > cpu")
+    p.add_argument("--device", default=None,
+                   help="default: cuda > mps > cpu (several processes on GPUs: cuda:LOCAL_RANK each)")
     p.add_argument("--skip_existing", action="store_true", help="skip images whose outputs all exist already")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="threads that read images ahead and write outputs behind the model (default: %(default)s)")
@@ -60,6 +66,11 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
+    try:
+        shard = Shard.from_env()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     source = Path(args.input)
     if not source.exists():
         print(f"error: {source}: no such file or folder", file=sys.stderr)
@@ -75,7 +86,8 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
         return 2
     try:
         if predictor is None:
-            predictor = load_predictor(args.checkpoint, device=args.device, dtype=args.dtype, task=args.task,
+            predictor = load_predictor(args.checkpoint, device=args.device or shard.device(), dtype=args.dtype,
+                                       task=args.task,
                                        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
                                        official_preprocess=args.official_preprocess)
             predictor.speed_up(channels_last=args.channels_last, compile=args.compile)
@@ -91,12 +103,17 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
         tqdm.write(f"failed: {f}: {reason}", file=sys.stderr)
 
     todo, owner, skipped = [], {}, 0
-    for f in files:
+    for i, f in enumerate(files):
+        mine = shard.owns(i)  # every process looks at all names (the clash check), each keeps its own share
         base = output / f.relative_to(root).with_suffix("")
         if base in owner:  # a.jpg and a.png: the second would overwrite the first one's outputs
-            fail(f, f"its outputs would overwrite those of {owner[base]} (same name without extension); rename one")
+            if mine:
+                fail(f, f"its outputs would overwrite those of {owner[base]} (same name without extension); "
+                     "rename one")
             continue
         owner[base] = f
+        if not mine:
+            continue
         if args.skip_existing and all(p.exists() for p in output_paths(base, task)):
             skipped += 1
             continue
@@ -108,7 +125,9 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
         nonlocal written
         written += 1
 
-    bar = tqdm(total=len(todo), desc=f"{task}", unit="img")
+    # With several processes only rank 0 draws its bar (its own share; the others' are of the same size).
+    desc = f"{task} (rank 0 of {shard.world_size})" if shard.sharded else task
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not shard.is_main)
     try:
         # Reader threads decode ahead and writer threads write behind (every file: temporary name, then rename)
         # while the model runs on batches of same-size images; each failure is reported and the rest goes on.
@@ -118,13 +137,26 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
                       on_progress=bar.update, needs_image=task == "matting")
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted: {written} written, {len(failures)} failed -> {output}; rerun with --skip_existing to "
-              "continue where it stopped", file=sys.stderr)
+        where = f"rank {shard.rank} of {shard.world_size}: " if shard.sharded else ""
+        print(f"{where}interrupted: {written} written, {len(failures)} failed -> {output}; rerun with "
+              "--skip_existing to continue where it stopped", file=sys.stderr)
         return 130
     bar.close()
 
-    print(f"{written} written, {skipped} skipped (already done), {len(failures)} failed -> {output}")
-    return 1 if failures else 0
+    counts = (written, skipped, len(failures))
+
+    def summary(rows: list[tuple[int, ...]]) -> None:
+        w, s, f = (sum(column) for column in zip(*rows))
+        print(f"{w} written, {s} skipped (already done), {f} failed -> {output}", flush=True)
+
+    if not shard.sharded:
+        summary([counts])
+    elif shard.can_gather():
+        counts = tuple(sum(column) for column in zip(*shard.gather(counts, summary)))  # all ranks' totals
+    else:  # RANK/WORLD_SIZE without a launcher's rendezvous: each process reports its own share
+        print(f"rank {shard.rank} of {shard.world_size}: ", end="")
+        summary([counts])
+    return 1 if counts[2] else 0
 
 
 def write_finite(base: Path, task: str, prediction: np.ndarray, image: np.ndarray | None) -> None:

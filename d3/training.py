@@ -452,6 +452,9 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
+    from .run_lock import lock_output_dir  # noqa: PLC0415  (one run per output folder; before anything is loaded)
+
+    _run_lock = lock_output_dir(output_dir, accelerator.is_main_process)  # held until train() returns; d3/run_lock.py
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     if accelerator.is_main_process:

@@ -1,0 +1,89 @@
+"""Split inference over several processes: `torchrun --nproc_per_node N infer.py ...` (or `accelerate launch
+--num_processes N infer.py ...`, which starts the processes the same way).
+
+Each process reads its place from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK) and takes every N-th
+file of the sorted list, starting at its rank: the split needs no communication. Only the final summary does: when
+the launcher also set MASTER_ADDR/MASTER_PORT (torchrun does), the counts of all processes are gathered over a gloo
+process group opened at the end, so one line gives the totals. Without them (processes started by hand with RANK
+and WORLD_SIZE only, say as a batch-array job) each process prints its own share's line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+# How long the first process to finish waits for the slowest one at the final gather. Shares differ by at most one
+# file, but not in image sizes; a process that dies instead makes the launcher stop the others.
+GATHER_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Shard:
+        env = os.environ if env is None else env
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"RANK={rank} and WORLD_SIZE={world_size} do not describe a process of the run")
+        return cls(rank, world_size, int(env.get("LOCAL_RANK", str(rank))))
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Whether the file at `index` of the sorted list is this process's (files rank::world_size)."""
+        return index % self.world_size == self.rank
+
+    def device(self) -> str | None:
+        """With several processes on a GPU machine, one GPU per process (LOCAL_RANK); None: the usual default."""
+        import torch
+
+        if self.sharded and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return None
+
+    def can_gather(self) -> bool:
+        import torch.distributed as dist
+
+        if not (self.sharded and dist.is_available()):
+            return False
+        if dist.is_initialized():
+            return True
+        port = os.environ.get("MASTER_PORT", "")
+        # MASTER_PORT=0 (torchrun --master_port 0) reaches the processes as is: nothing to connect to
+        return bool(os.environ.get("MASTER_ADDR")) and port.isdigit() and int(port) > 0
+
+    def gather(self, counts: tuple[int, ...], report: Callable[[list[tuple[int, ...]]], None]) -> list[tuple[int, ...]]:
+        """Every process's `counts`, in rank order (a collective: all processes call it). Rank 0 calls `report` on
+        them before any process goes on, so that no process exits (and makes the launcher stop the others) before
+        the summary is out. Opens a gloo group from the launcher's environment if none is open, and closes it."""
+        import torch.distributed as dist
+
+        opened = not dist.is_initialized()
+        if opened:
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=GATHER_TIMEOUT)
+        try:
+            group = None if opened else dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)
+            everyone: list = [None] * self.world_size
+            dist.all_gather_object(everyone, tuple(counts), group=group)
+            everyone = [tuple(c) for c in everyone]
+            if self.is_main:
+                report(everyone)
+            dist.barrier(group=group)
+            return everyone
+        finally:
+            if opened:
+                dist.destroy_process_group()
