@@ -272,10 +272,11 @@ def test_training_reader_reads_prepared_folders(hypersim, tmp_path):
     depth = TrainingFolder(out, "depth", 16, encode_target=lambda s: s["depth"].expand(3, -1, -1))
     assert (depth.name, depth.meta.min_depth, depth.meta.max_depth, len(depth)) == ("hypersim", 1e-5, 65.0, 2)
     sample = depth[0]
-    assert sample["valid"].sum() < 16 * 16 and (sample["depth"][sample["valid"]] > 0.9).all()
+    assert sample["valid"].sum() < sample["valid"].numel() and (sample["gt"][sample["valid"]] > 0.9).all()
     normals = TrainingFolder(out, "normal", 16)
-    target, valid = normals[1]["target"], normals[1]["valid"][0]
-    assert torch.allclose(target[:, valid].norm(dim=0), torch.ones(()), atol=1e-5) and not valid.all()
+    gt, valid = normals[1]["gt"], normals[1]["valid"][0]  # native-size normals and mask
+    assert normals[1]["target"].shape == (3, 16, 16)
+    assert torch.allclose(gt[:, valid].norm(dim=0), torch.ones(()), atol=1e-5) and not valid.all()
 
     p3m_raw = tmp_path / "p3m_raw"
     fx.write_p3m(p3m_raw)
