@@ -25,7 +25,8 @@ the processor gives them the same input shape (Depth Pro always does).
 * ``relative_inverse``: the raw output of relative models (DPT/MiDaS, Depth Anything relative),
   which is an affine-invariant inverse depth (disparity up to scale *and shift*). Its reciprocal is
   not a depth (the shift is unknown, and 0 or negative values occur), so the raw prediction is
-  stored unchanged; it must not be used as metric depth (the SSI loss of §6.5 fits metres).
+  stored unchanged; it must not be used as metric depth (the SSI loss fits metres: docs/protocols.md,
+  "Training recipe").
 
 ``--depth_kind`` overrides the guess from the model type. Re-running skips images whose outputs
 exist; a folder labelled by one model refuses labels from another. An unreadable image is reported

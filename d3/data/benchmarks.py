@@ -1,4 +1,5 @@
-"""Evaluation benchmarks: one reader per dataset, in its on-disk layout (PROTOCOLS.md §1, §3, §4).
+"""Evaluation benchmarks: one reader per dataset, in its on-disk layout (docs/protocols.md: "Benchmark storage and
+prediction files", "Depth benchmarks", "Normal benchmarks and metrics", "Matting (P3M-500-NP)").
 
 Each reader takes a data root that is either the dataset folder, the uncompressed ``.tar`` it is
 distributed as (created from inside the dataset root, members ``./<relative path>``), or a base
@@ -261,7 +262,7 @@ def _pair_by_regex(files: Sequence[str], pattern: str, gt_of: Callable[[re.Match
 
 
 # ----------------------------------------------------------------------------------------------
-# Depth (PROTOCOLS §1)
+# Depth (docs/protocols.md, "Depth benchmarks")
 # ----------------------------------------------------------------------------------------------
 
 class DepthBenchmark(Benchmark):
@@ -470,7 +471,7 @@ class DIODE(DepthBenchmark):
 
 
 # ----------------------------------------------------------------------------------------------
-# Surface normals (PROTOCOLS §3)
+# Surface normals (docs/protocols.md, "Normal benchmarks and metrics")
 # ----------------------------------------------------------------------------------------------
 
 class NormalBenchmark(Benchmark):
@@ -539,7 +540,7 @@ class OASIS(NormalBenchmark):
 
 
 # ----------------------------------------------------------------------------------------------
-# Matting (PROTOCOLS §4) and domain-specific segmentation folders
+# Matting (docs/protocols.md, "Matting (P3M-500-NP)") and domain-specific segmentation folders ("Few-shot segmentation")
 # ----------------------------------------------------------------------------------------------
 
 class _ImageFolderBenchmark(Benchmark):
