@@ -59,17 +59,33 @@ class Backbone:
 
 
 def _load(component: str, loader, name_or_path: str, **kwargs):
+    """`loader(name_or_path, subfolder=component)`; a hub id is read from the local cache only when the Hub cannot be
+    asked (`d3.hub.offline_reason`), so an unreachable Hub fails at once instead of after minutes of retries."""
+    from .hub import OFFLINE_HINT, offline_reason, quiet_hub_calls
+
+    is_dir = Path(name_or_path).expanduser().is_dir()
+    offline = None if is_dir else offline_reason()
+    if offline is not None:
+        kwargs["local_files_only"] = True
     try:
-        return loader(name_or_path, subfolder=component, **kwargs)
+        with quiet_hub_calls():
+            return loader(name_or_path, subfolder=component, **kwargs)
     except (OSError, ValueError) as err:
-        if Path(name_or_path).is_dir():
+        if is_dir:
             raise BackboneLoadError(
                 f"{name_or_path}: cannot load '{component}/' ({type(err).__name__}: {str(err).splitlines()[0]}); "
                 "expected a diffusers Stable Diffusion folder with unet/, vae/, scheduler/, text_encoder/, tokenizer/"
             ) from None
+        if offline is not None:
+            raise BackboneLoadError(
+                f"'{name_or_path}' ({component}/) is not in the local Hugging Face cache and {offline}: pass a local "
+                f"diffusers folder with --pretrained_model_name_or_path /path/to/stable-diffusion-2-1, or "
+                f"{OFFLINE_HINT}"
+            ) from None
         raise BackboneLoadError(
-            f"cannot load {component} of '{name_or_path}' from the Hugging Face Hub (no network or unknown id); "
-            "pass a local diffusers folder with --pretrained_model_name_or_path /path/to/stable-diffusion-2-1"
+            f"cannot load {component} of '{name_or_path}' from the Hugging Face Hub (unknown id, gated model or no "
+            f"access: {type(err).__name__}); pass a local diffusers folder with --pretrained_model_name_or_path "
+            "/path/to/stable-diffusion-2-1"
         ) from None
 
 
@@ -114,12 +130,15 @@ def _architecture(name_or_path: str, revision: str | None) -> str:
             return detect_architecture(Path(name_or_path).expanduser())
         except ValueError as err:
             raise BackboneLoadError(str(err)) from None
-    try:  # a hub id: one small file tells the architecture; offline, the UNet path reports the usual error
+    try:  # a hub id: one small file tells the architecture; if it cannot be had, the UNet path reports the error
         import json
 
         from huggingface_hub import hf_hub_download
 
-        index = json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision)).read_text())
+        from .hub import offline_reason
+
+        index = json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision,
+                                                local_files_only=offline_reason() is not None)).read_text())
     except Exception:
         return "unet"
     name = (index.get("transformer") or [None, None])[-1]

@@ -3,7 +3,8 @@
     python -m d3.convert depth_checkpoint.pth --output d3-depth-official \
         --pretrained_model_name_or_path /path/to/stable-diffusion-2-1
 
-The release is the state dict of the whole training module (PROTOCOLS §6.1-6.3, §6.7):
+The release is the state dict of the whole training module (docs/protocols.md, "Training recipe"
+and "Inference settings"):
 
     d3_predictor.<diffusers UNet2DConditionModel key>   the student: the only weights inference needs
     timestep                                            its learned scalar timestep (bf16: 261 is stored as 260)

@@ -5,9 +5,9 @@ diffusers UNet configuration share one code path. Layers are named by their modu
 (e.g. ``up_blocks.1.attentions.0``), which is unambiguous for every `block_out_channels`.
 
 Layer sets for a UNet2DConditionModel:
-- ``up`` (default, the official D³ choice, PROTOCOLS §6.2): the mid block, then for every up block but the last
-  the outputs of its layers except the last one, plus its upsampler's output (which replaces the last layer);
-  for the last up block only its first layer. On SD 2.1 these are the 11 keys ``mid, us1 … us10``.
+- ``up`` (default, the official D³ choice): the mid block, then for every up block but the last the outputs of its
+  layers except the last one, plus its upsampler's output (which replaces the last layer); for the last up block
+  only its first layer. On SD 2.1 these are the 11 keys ``mid, us1 … us10`` (docs/protocols.md, "Training recipe").
 - ``down``: every down-block layer output and every downsampler output.
 - ``all``: ``down`` + the mid block + every up-block layer and upsampler.
 A comma-separated list of module paths is accepted as well.

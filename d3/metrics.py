@@ -1,11 +1,12 @@
-"""Evaluation metrics: depth, surface normals, matting, segmentation (PROTOCOLS.md §2-§4).
+"""Evaluation metrics: depth, surface normals, matting, segmentation (docs/protocols.md: "Depth metrics",
+"Normal benchmarks and metrics", "Matting (P3M-500-NP)", "Few-shot segmentation").
 
 Every function reproduces the reference implementation it names, including its quirks, so that
 numbers are comparable with published tables:
 
 * depth   -- Marigold ``eval.py`` / ``metric.py`` / ``alignment.py`` (per-image, float32, masked
   means; least-squares scale & shift fitted in float64; the width-only ``alignment_max_res``
-  subsampling of §2.2).
+  subsampling, see docs/protocols.md, "Depth metrics").
 * normals -- Marigold-Normals (per-image values rounded to 4 decimals, then averaged over images)
   or, with ``pooling="pixel"``, DSINE / E2E-FT (all valid pixels of the dataset pooled).
 * matting -- P3M ``core/evaluate.py`` (float64 NumPy / SciPy, exactly its formulas and divisors).
@@ -46,7 +47,7 @@ def as_tensor(x: ArrayLike, device: Optional[Union[str, torch.device]] = None,
 
 
 # ----------------------------------------------------------------------------------------------
-# Depth: alignment (§2.2)
+# Depth: alignment (docs/protocols.md, "Depth metrics", steps 1-2)
 # ----------------------------------------------------------------------------------------------
 
 def marigold_max_res_columns(height: int, width: int, max_res: Optional[int]) -> Optional[torch.Tensor]:
@@ -115,7 +116,7 @@ def depth_to_disparity(depth: torch.Tensor) -> torch.Tensor:
 def align_depth(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike, alignment: str = "least_square",
                 max_res: Optional[int] = None, min_depth: float = 1e-6, max_depth: float = math.inf,
                 ) -> Tuple[torch.Tensor, float, float]:
-    """§2.1 steps 2-3: align, then clip to [min_depth, max_depth], then to >= 1e-6.
+    """Steps 1-3 of docs/protocols.md, "Depth metrics": align, then clip to [min_depth, max_depth], then to >= 1e-6.
 
     ``least_square_disparity``: GT -> disparity, mask &= gt > 0 & pred > 0, fit the prediction
     (read as disparity) to it, clip disparity >= 1e-3, invert. ``none`` skips alignment (metric
@@ -138,7 +139,7 @@ def align_depth(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike, alignment: str 
 
 
 # ----------------------------------------------------------------------------------------------
-# Depth: metrics (§2.3)
+# Depth: metrics (docs/protocols.md, "Depth metrics", step 4)
 # ----------------------------------------------------------------------------------------------
 
 def depth_metrics(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike) -> Dict[str, torch.Tensor]:
@@ -177,7 +178,7 @@ def depth_metrics(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike) -> Dict[str, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Surface normals (§3.4)
+# Surface normals (docs/protocols.md, "Normal benchmarks and metrics")
 # ----------------------------------------------------------------------------------------------
 
 def normal_valid_mask(gt: ArrayLike) -> torch.Tensor:
@@ -227,7 +228,7 @@ def normal_metrics(pred: ArrayLike, gt: ArrayLike) -> Dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Matting (§4.3) -- P3M's definitions, float64 NumPy
+# Matting (docs/protocols.md, "Matting (P3M-500-NP)") -- P3M's definitions, float64 NumPy
 # ----------------------------------------------------------------------------------------------
 
 def _f64(x: ArrayLike) -> np.ndarray:

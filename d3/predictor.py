@@ -1,6 +1,6 @@
 """The trained model for inference: the d3 checkpoint folder and the one-step, deterministic predictor.
 
-Checkpoint folder (DESIGN.md)::
+Checkpoint folder (README, "Checkpoint format")::
 
     d3_config.json             task, student timestep, prompt, processing resolution, resize mode, base model, version
     unet/                      diffusers UNet2DConditionModel (safetensors)
@@ -366,7 +366,7 @@ class D3Predictor:
         return height, width
 
     def _to_output(self, decoded: torch.Tensor) -> np.ndarray:
-        """Decoded (3,H,W) in [-1,1] -> the task's array (contract in DESIGN.md / README)."""
+        """Decoded (3,H,W) in [-1,1] -> the task's array (README, "Inference": the table of files per task)."""
         return self._finish(decoded).cpu().numpy().astype(np.float32, copy=False)
 
     def _finish(self, decoded: torch.Tensor) -> torch.Tensor:
@@ -458,7 +458,8 @@ def predictor_from_backbone(backbone_path: str | Path, task: str, prompt: str | 
     return D3Predictor(backbone.model, backbone.vae, embeds, config, device, dtype)
 
 
-OFFICIAL_PROCESSING_RES = 768  # the authors' fixed square network input (PROTOCOLS §6.7)
+# The authors' fixed square network input (docs/protocols.md, "Inference settings").
+OFFICIAL_PROCESSING_RES = 768
 
 
 def resolve_checkpoint(name: str | Path, revision: str | None = None) -> Path:

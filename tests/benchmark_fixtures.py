@@ -1,4 +1,5 @@
-"""Writers of tiny evaluation benchmarks in their real on-disk layouts (PROTOCOLS §1, §3, §4).
+"""Writers of tiny evaluation benchmarks in their real on-disk layouts (docs/protocols.md, "Depth benchmarks",
+"Normal benchmarks and metrics", "Matting (P3M-500-NP)").
 
 Each writer builds a few samples with the real file formats (uint16 PNG depth, the headerless
 float32 ETH3D buffer, DIODE ``.npy`` depth + mask, Marigold normals ``.npy``, P3M folders) and

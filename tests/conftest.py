@@ -18,7 +18,31 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of waiting on a network that is not there
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _threads_for_tests() -> int:
+    """CPU threads per test process: D3_TEST_THREADS, else 1.
+
+    The suite's models are tiny, and its machines are shared: with several threads per process, on two cores that
+    other jobs also use, the threads wait on each other and the suite took 3-5x longer (README, "Tests"). One thread
+    keeps its time close to the idle time. D3_TEST_THREADS=2 suits an idle machine."""
+    value = os.environ.get("D3_TEST_THREADS", "1")
+    try:
+        threads = int(value)
+    except ValueError:
+        raise pytest.UsageError(f"D3_TEST_THREADS={value!r}: expected a positive integer") from None
+    if threads < 1:
+        raise pytest.UsageError(f"D3_TEST_THREADS={value!r}: expected a positive integer")
+    return threads
+
+
+THREADS = _threads_for_tests()
+torch.set_num_threads(THREADS)
+# The processes the tests start (infer.py, accelerate launch, drivers) inherit the same limit: OpenMP, MKL and
+# OpenBLAS read these at start-up, and torch takes its default thread count from OMP_NUM_THREADS.
+os.environ["D3_TEST_THREADS"] = str(THREADS)
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
 
 
 @contextmanager

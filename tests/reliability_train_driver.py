@@ -32,7 +32,7 @@ def die() -> None:
 def main() -> None:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("D3_TEST_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("D3_TEST_THREADS", "1")))
     import train_depth
     from d3 import training
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 from d3.backbone import BackboneLoadError, decode_latent, encode_image, encode_prompt, load_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_local_folder_loads_and_prompt_is_embedded_once(tiny_backbone_dir):
@@ -26,7 +37,7 @@ def test_unreachable_hub_id_fails_in_one_line_naming_a_local_folder():
     with pytest.raises(BackboneLoadError) as err:
         load_backbone("stabilityai/this-model-is-not-cached")
     message = str(err.value)
-    assert "\n" not in message and "local diffusers folder" in message
+    assert "\n" not in message and "local diffusers folder" in message and "HF_HUB_OFFLINE=1" in message
 
 
 def test_missing_or_incomplete_local_folders(tmp_path, tiny_backbone_dir):
@@ -35,3 +46,46 @@ def test_missing_or_incomplete_local_folders(tmp_path, tiny_backbone_dir):
     (tmp_path / "partial").mkdir()
     with pytest.raises(BackboneLoadError, match="unet"):
         load_backbone(str(tmp_path / "partial"))
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on: connections to it are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_fails_fast_in_one_line_and_the_cache_still_serves(tmp_path, tiny_backbone_dir):
+    """Without HF_HUB_OFFLINE and with a Hub that does not answer, huggingface_hub alone would retry each file for
+    about 25 s. The loader asks the Hub once, then reads the local cache only: a cached id loads, an uncached one
+    fails with one line (no retries, warnings or traceback). The time bound is generous: a behaviour check."""
+    snapshot = tmp_path / "hf" / "hub" / "models--d3-test--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_backbone_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", PYTHONPATH=str(ROOT))
+    script = textwrap.dedent("""
+        import sys, time
+        from d3.backbone import BackboneLoadError, load_backbone
+        start = time.perf_counter()
+        assert load_backbone("d3-test/tiny").unet is not None
+        print("cached: loaded")
+        print("---", file=sys.stderr, flush=True)  # what follows is the failing load's output alone
+        try:
+            load_backbone("stabilityai/stable-diffusion-2-1")
+        except BackboneLoadError as err:
+            print(f"load time {time.perf_counter() - start:.1f} s")
+            sys.exit(f"error: {err}")
+    """)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0] == "cached: loaded", proc.stdout
+    lines = proc.stderr.split("---\n", 1)[1].splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: 'stabilityai/stable-diffusion-2-1'")
+    assert "--pretrained_model_name_or_path" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0]
+    assert wall <= 15, f"{wall:.1f} s ({proc.stdout.splitlines()[-1]})"

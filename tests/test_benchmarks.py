@@ -195,3 +195,19 @@ def test_missing_gt_file_names_the_sample(tmp_path):
     bench = B.get_benchmark("scannet", tmp_path / "scannet", split)
     with pytest.raises(FileNotFoundError, match="scene0011_00/color/000100.jpg"):
         bench[0]
+
+
+def test_a_tar_root_is_closed_by_close_or_when_the_reader_goes(depth_sets):
+    import gc
+
+    _, tar, _, _ = depth_sets["nyu"]
+    bench = B.get_benchmark("nyu", tar)
+    archive = bench.source._tar
+    bench.close()
+    assert archive.fileobj.closed
+    bench.close()  # a second close does nothing
+    bench = B.get_benchmark("nyu", tar)
+    archive = bench.source._tar
+    del bench
+    gc.collect()
+    assert archive.fileobj.closed  # no file left open for the interpreter to warn about (ResourceWarning)

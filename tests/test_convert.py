@@ -32,7 +32,8 @@ def student_weights(backbone: Path) -> dict[str, torch.Tensor]:
 
 
 def official_layout(backbone: Path, student: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every kind of key the authors' training module saves (PROTOCOLS §6.1-6.3), in bf16 as DeepSpeed writes it."""
+    """Every kind of key the authors' training module saves (docs/protocols.md,
+    "Training recipe"), in bf16 as DeepSpeed writes it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     teacher = UNet2DConditionModel.from_pretrained(backbone / "unet").state_dict()

@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 from d3.features import FeatureCapture, feature_shapes, official_key_names, unet_layer_set
 from d3.tiny import unet_config
 
-# PROTOCOLS §6.2: key -> (channels, spatial size) for a 768x768 input (96x96 latent).
+# docs/protocols.md, "Training recipe": key -> (channels, spatial size) for a 768x768 input (96x96 latent).
 OFFICIAL_UP = {
     "mid": (1280, 12), "us1": (1280, 12), "us2": (1280, 12), "us3": (1280, 24), "us4": (1280, 24),
     "us5": (1280, 24), "us6": (1280, 48), "us7": (640, 48), "us8": (640, 48), "us9": (640, 96), "us10": (320, 96),

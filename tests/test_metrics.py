@@ -160,7 +160,7 @@ def test_disparity_alignment():
     assert out[mask].tolist() == pytest.approx([1.0, 2.0, 4.0], rel=1e-5)
     # the invalid pixel aligns to disparity 0 -> clipped to 1e-3 -> depth 1000 -> dataset clip 10
     assert float(out[0, 3]) == pytest.approx(10.0)
-    # pixels with pred <= 0 are left out of the fit (PROTOCOLS §2.2)
+    # pixels with pred <= 0 are left out of the fit (docs/protocols.md, "Depth metrics")
     bad = pred.clone()
     bad[0, 2] = -5.0
     _, s2, b2 = M.align_depth(bad, gt, mask, "least_square_disparity", min_depth=1e-3, max_depth=10)

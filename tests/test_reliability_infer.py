@@ -106,7 +106,7 @@ def make_messy_folder(folder: Path) -> dict:
     return {"expected": expected, "bad": bad}
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}  # the CPU is shared: no spinning threads
+ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # threads: OMP_NUM_THREADS as tests/conftest.py sets it
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")

@@ -1,4 +1,5 @@
-"""Evaluation benchmarks: one reader per dataset, in its on-disk layout (PROTOCOLS.md §1, §3, §4).
+"""Evaluation benchmarks: one reader per dataset, in its on-disk layout (docs/protocols.md: "Benchmark storage and
+prediction files", "Depth benchmarks", "Normal benchmarks and metrics", "Matting (P3M-500-NP)").
 
 Each reader takes a data root that is either the dataset folder, the uncompressed ``.tar`` it is
 distributed as (created from inside the dataset root, members ``./<relative path>``), or a base
@@ -20,6 +21,7 @@ import math
 import os
 import re
 import tarfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
@@ -48,6 +50,9 @@ class Source:
 
     def read(self, rel: str) -> bytes:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the source holds open (an archive); reading afterwards is an error."""
 
     @staticmethod
     def open(path: Path) -> "Source":
@@ -86,11 +91,13 @@ class FolderSource(Source):
 
 
 class TarSource(Source):
-    """Members are indexed once; names are normalised without the leading ``./``."""
+    """Members are indexed once; names are normalised without the leading ``./``. The archive stays open until
+    ``close()`` or until the source is garbage-collected (no file is left to the interpreter to close)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._tar = tarfile.open(path, "r:*")  # distributed uncompressed; a compressed copy works, slowly
+        self._closer = weakref.finalize(self, self._tar.close)  # runs once: at close() or at collection
         self._members: Dict[str, tarfile.TarInfo] = {}
         for m in self._tar.getmembers():
             if m.isfile():
@@ -110,6 +117,9 @@ class TarSource(Source):
         f = self._tar.extractfile(member)
         assert f is not None
         return f.read()
+
+    def close(self) -> None:
+        self._closer()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +228,10 @@ class Benchmark:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def close(self) -> None:
+        """Close the archive a ``.tar`` data root is read from (it is also closed when the reader is collected)."""
+        self.source.close()
+
     def __getitem__(self, index: int) -> BenchmarkSample:
         entry = self.entries[index]
         try:
@@ -261,7 +275,7 @@ def _pair_by_regex(files: Sequence[str], pattern: str, gt_of: Callable[[re.Match
 
 
 # ----------------------------------------------------------------------------------------------
-# Depth (PROTOCOLS §1)
+# Depth (docs/protocols.md, "Depth benchmarks")
 # ----------------------------------------------------------------------------------------------
 
 class DepthBenchmark(Benchmark):
@@ -470,7 +484,7 @@ class DIODE(DepthBenchmark):
 
 
 # ----------------------------------------------------------------------------------------------
-# Surface normals (PROTOCOLS §3)
+# Surface normals (docs/protocols.md, "Normal benchmarks and metrics")
 # ----------------------------------------------------------------------------------------------
 
 class NormalBenchmark(Benchmark):
@@ -539,7 +553,7 @@ class OASIS(NormalBenchmark):
 
 
 # ----------------------------------------------------------------------------------------------
-# Matting (PROTOCOLS §4) and domain-specific segmentation folders
+# Matting (docs/protocols.md, "Matting (P3M-500-NP)") and domain-specific segmentation folders ("Few-shot segmentation")
 # ----------------------------------------------------------------------------------------------
 
 class _ImageFolderBenchmark(Benchmark):

@@ -1,6 +1,6 @@
 """Hypersim (official HDF5 release) -> plain folder with rgb, planar depth and camera-facing normals.
 
-Follows Marigold's preprocessing (PROTOCOLS §5.2):
+Follows Marigold's preprocessing (docs/protocols.md, "Training data"):
 
 * RGB: ``final_hdf5/frame.NNNN.color.hdf5`` (linear HDR) is tone-mapped as Hypersim's own tool does:
   gamma 1/2.2, scaled so that the 90th percentile of the CCIR601 brightness (0.3 R + 0.59 G + 0.11 B)

@@ -1,4 +1,4 @@
-"""P3M-10k train -> plain folder with rgb and alpha (PROTOCOLS §5.5).
+"""P3M-10k train -> plain folder with rgb and alpha (docs/protocols.md, "Training data").
 
 Raw layout: ``P3M-10k/train/blurred_image/<stem>.jpg`` (9 421 face-blurred portraits) and
 ``P3M-10k/train/mask/<stem>.png`` (alpha 0..255). ``--src`` may name the folder above ``P3M-10k``,

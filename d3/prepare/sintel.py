@@ -1,4 +1,5 @@
-"""Sintel normals (Marigold's preprocessed release) -> plain folder with rgb and normals (PROTOCOLS §5.4).
+"""Sintel normals (Marigold's preprocessed release) -> plain folder with rgb and normals
+(docs/protocols.md, "Training data").
 
 The raw MPI Sintel release has no normals; the usual source is Marigold's ``sintel`` folder::
 

@@ -1,4 +1,4 @@
-"""Virtual KITTI 2 -> plain folder with rgb and metric depth (PROTOCOLS §5.3).
+"""Virtual KITTI 2 -> plain folder with rgb and metric depth (docs/protocols.md, "Training data").
 
 Raw layout (the official rgb and depth archives, extracted under ``SRC/rgb`` and ``SRC/depth``, or
 both merged into SRC itself)::
