@@ -9,6 +9,7 @@ files r, r+N, r+2N, ...; the outputs are those of one process, and one summary l
 
 Outputs mirror the input folder structure (file names per task: see d3/outputs.py or the README). A file that
 cannot be read is reported with its reason; the others are still processed, and the exit status is non-zero.
+Every flag is checked (and the images found) before the model loads: a bad one stops the run at once with one line.
 """
 
 from __future__ import annotations
@@ -16,20 +17,24 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from d3 import flags
+from d3.flags import RESIZE_MODES, TASKS, CheckpointError, FlagError, default_workers
 from d3.io import find_images, load_rgb
 from d3.outputs import SUFFIXES, output_paths, write_outputs
-from d3.predictor import RESIZE_MODES, TASKS, CheckpointError, D3Predictor, load_predictor
-from d3.prefetch import default_workers, predict_files
 from d3.sharding import Shard
+
+if TYPE_CHECKING:  # the model code (torch, diffusers) is imported only once the flags are known to be good
+    from d3.predictor import D3Predictor
 
 OUTPUT_SUFFIXES = tuple(suffix for names in SUFFIXES.values() for suffix in names)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = flags.ArgumentParser(description=__doc__)
     p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
     p.add_argument("--checkpoint", required=True,
                    help="a d3 checkpoint folder (or its hub id), or the authors' official .pth (converted on load)")
@@ -46,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "outputs, use the same mode on both)")
     p.add_argument("--official_preprocess", action="store_true",
                    help="the authors' inference: 768x768 squash, plain bilinear both ways (VAE mean, not a sample)")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=1, help="images of the same size per model call")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="default: bf16/fp16 on a GPU, fp32 on the CPU")
     p.add_argument("--device", default=None,
@@ -57,33 +62,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels_last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE: slow first batch per input size, faster after")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """The checks that need no model: numbers in range, flags that agree, paths that exist (FlagError otherwise).
+    Whether --input holds any image is checked by `main`, which lists the files anyway."""
+    flags.at_least("--processing_res", args.processing_res, 0)
+    flags.at_least("--batch_size", args.batch_size, 1)
+    flags.at_least("--workers", args.workers, 1)
+    if args.official_preprocess and args.resize_mode == "keep_aspect":
+        raise FlagError("--official_preprocess squashes to a square, not --resize_mode keep_aspect")
+    flags.existing_path("--input", args.input)
+
+
+def validate_sources(args: argparse.Namespace) -> None:
+    """The model's sources: a path-like --checkpoint or --pretrained_model_name_or_path must exist (hub ids are
+    looked up when they load)."""
+    flags.model_source("--checkpoint", args.checkpoint, "checkpoint folder or file")
+    flags.model_source("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "folder")
 
 
 def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) -> int:
     """Exit status 0 if every image was written, 1 if any failed, 2 on bad arguments. `predictor`: an already
     loaded model to use instead of --checkpoint (benchmarks/inference.py times the pipeline without the load)."""
-    from tqdm.auto import tqdm
-
     args = parse_args(argv)
     try:
+        validate_args(args)
         shard = Shard.from_env()
-    except ValueError as err:
+    except ValueError as err:  # FlagError included: one line, status 2, nothing loaded yet
         print(f"error: {err}", file=sys.stderr)
         return 2
     source = Path(args.input)
-    if not source.exists():
-        print(f"error: {source}: no such file or folder", file=sys.stderr)
-        return 2
     root = source if source.is_dir() else source.parent
     output = Path(args.output)
     files = [f for f in find_images(source) if not is_previous_output(f, output, root)]
     if not files:
-        print(f"error: {source}: no images found (looked for .png .jpg .jpeg .bmp .webp .tif .tiff)", file=sys.stderr)
+        print(f"error: --input {source}: no images found (looked for .png .jpg .jpeg .bmp .webp .tif .tiff)",
+              file=sys.stderr)
         return 2
-    if args.official_preprocess and args.resize_mode == "keep_aspect":
-        print("error: --official_preprocess squashes to a square, not --resize_mode keep_aspect", file=sys.stderr)
-        return 2
+    if predictor is None:
+        try:
+            validate_sources(args)
+        except FlagError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    from tqdm.auto import tqdm
+
+    from d3.predictor import load_predictor
+    from d3.prefetch import predict_files
+
     try:
         if predictor is None:
             predictor = load_predictor(args.checkpoint, device=args.device or shard.device(), dtype=args.dtype,

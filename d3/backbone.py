@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-1"
+from .flags import DEFAULT_BASE_MODEL  # noqa: F401
 
 
 class BackboneLoadError(RuntimeError):

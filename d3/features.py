@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-LAYER_SETS = ("up", "down", "all")
+from .flags import LAYER_SETS  # noqa: F401
 
 
 def _block_layers(block: nn.Module) -> list[str]:

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_TYPES = ("cleandift", "linear", "none")
+from .flags import HEAD_TYPES  # noqa: F401
+
 TIME_WIDTH = 256  # width of the time condition c
 MAPPING_HIDDEN = 768  # hidden width of the mapping's feed-forward blocks
 MAPPING_DEPTH = 2

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .flags import ALIGNMENTS  # noqa: F401  (evaluate.py's --alignment choices)
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 DEPTH_METRICS: Tuple[str, ...] = (
@@ -35,8 +37,6 @@ NORMAL_THRESHOLDS: Dict[str, float] = {"a5": 5.0, "a7_5": 7.5, "a11_25": 11.25, 
 MATTING_METRICS: Tuple[str, ...] = ("sad", "mse", "mad", "grad", "conn")
 MATTING_TRIMAP_METRICS: Tuple[str, ...] = ("sad_trimap", "mse_trimap", "mad_trimap", "sad_fg", "sad_bg")
 SEGMENTATION_METRICS: Tuple[str, ...] = ("iou", "pixel_acc", "dice")
-
-ALIGNMENTS: Tuple[str, ...] = ("least_square", "least_square_disparity", "none")
 
 
 def as_tensor(x: ArrayLike, device: Optional[Union[str, torch.device]] = None,

@@ -29,21 +29,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .backbone import decode_latent, encode_image
+from .flags import PROMPTS, RESIZE_MODES, TASKS, CheckpointError  # noqa: F401  (defined where the flags need them)
 
 FORMAT_VERSION = 1
-TASKS = ("depth", "normal", "matting")
-RESIZE_MODES = ("keep_aspect", "squash")
-PROMPTS = {
-    "depth": "A grayscale depth estimation image, where darker areas represent closer depths and lighter areas "
-    "indicate farther depths.",
-    "normal": "A surface normal estimation map.",
-    "matting": "A human portrait matting map.",
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing something or does not match its config; the message names the file."""
-
 
 @dataclass
 class D3Config:

@@ -23,10 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def default_workers() -> int:
-    """Threads for reading and for writing: enough to hide I/O behind a GPU, never more than the cores."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+from .flags import default_workers  # noqa: F401  (infer.py's --workers default)
 
 
 def ordered_prefetch(items: Iterable[Any], fn: Callable[[Any], Any], workers: int, ahead: int) -> Iterator[tuple]:

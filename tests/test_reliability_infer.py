@@ -190,7 +190,7 @@ def test_missing_path_and_empty_folder_are_one_line_errors(tmp_path, capsys):
     for path, message in cases.items():
         code = infer.main(["--input", str(path), "--checkpoint", str(tmp_path / "no-checkpoint-needed-yet")])
         err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}: {message}"), err
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --input {path}: {message}"), err
     code = infer.main(["--input", str(tmp_path / "only-text" / "notes.txt"), "--checkpoint", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "no such checkpoint folder" in err, err

@@ -28,20 +28,9 @@ import logging
 import torch
 from torch.utils.data import ConcatDataset, Sampler
 
+from ..flags import MIXING_MODES, parse_dataset_spec  # noqa: F401  (in the light module: the flags check them)
+
 logger = logging.getLogger("d3.train")
-
-MIXING_MODES = ("official", "paper")
-
-
-def parse_dataset_spec(spec: str) -> tuple[str, float | None]:
-    """'PATH[:PROB]' -> (path, prob or None). A Windows drive letter or a ':' inside the path is left alone."""
-    path, sep, prob = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(prob)
-        except ValueError:
-            pass
-    return spec, None
 
 
 def mixing_probabilities(names: list[str], given: list[float | None], defaults: dict[str, float]) -> list[float]:
