@@ -11,6 +11,7 @@ made: the image squashed to the checkpoint's square processing resolution (768 f
 authors' inference does; --resize_mode keep_aspect gives infer.py's default geometry instead. --predictions reads
 infer.py's output folder as it is (or .npy/.png files named after the RGB, or Marigold's names). Writes
 ``<output>/per_sample.csv`` and ``<output>/summary.json`` (``<output>/<name>/`` per set for all_*).
+Every flag is checked before a model or a dataset is opened: a bad one stops the run at once with one line.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import argparse
 import sys
 from typing import List, Optional
 
+from d3 import flags
 from d3.data.benchmarks import BENCHMARKS, GROUPS
-from d3.metrics import ALIGNMENTS
+from d3.flags import ALIGNMENTS, FlagError
 
 RESIZE_MODES = ("squash", "keep_aspect")  # d3.predictor.RESIZE_MODES, without importing the model code
 
@@ -30,7 +32,7 @@ def _processing_res(value: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", required=True, choices=list(BENCHMARKS) + list(GROUPS),
                    help="benchmark name; all_depth / all_normal run the five sets of Table 1 / Table 2")
     p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subsample for the alignment fit (default: the protocol's, 1024 for ETH3D; 0 = off)")
     p.add_argument("--pooling", choices=("image", "pixel"), default="image",
                    help="normals: per-image mean (Marigold, default) or all pixels pooled (DSINE)")
-    p.add_argument("--processing_res", type=_processing_res, default=None,
+    p.add_argument("--processing_res", type=_processing_res, default=None, metavar="{INT,protocol}",
                    help="--checkpoint: processing resolution, an integer (0 = native) or 'protocol' for "
                         "Marigold's per-dataset value (default: the checkpoint's own)")
     p.add_argument("--pretrained_model_name_or_path", default=None,
@@ -73,16 +75,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from d3.evaluation import PROTOCOL, EvaluationError, run
-
+def validate_args(args: argparse.Namespace) -> None:
+    """Every check that needs neither a model nor the data set's files; a FlagError names the flag and value."""
     for flag, given in (("--save_predictions", args.save_predictions), ("--resize_mode", args.resize_mode),
                         ("--official_preprocess", args.official_preprocess)):
         if given and not args.checkpoint:
-            build_parser().error(f"{flag} needs --checkpoint (--predictions are scored as they are)")
+            raise FlagError(f"{flag} needs --checkpoint (--predictions are scored as they are)")
     if args.official_preprocess and args.resize_mode == "keep_aspect":
-        build_parser().error("--official_preprocess squashes to a square, not --resize_mode keep_aspect")
+        raise FlagError("--official_preprocess squashes to a square, not --resize_mode keep_aspect")
+    flags.at_least("--batch_size", args.batch_size, 1)
+    flags.at_least("--alignment_max_res", args.alignment_max_res, 0)
+    if args.processing_res != "protocol":
+        flags.at_least("--processing_res", args.processing_res, 0)
+    flags.existing_path("--data-root", args.data_root, "does not exist")
+    flags.existing_path("--predictions", args.predictions, "no such folder", folder=True)
+    flags.model_source("--checkpoint", args.checkpoint, "checkpoint folder or file")
+    flags.model_source("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "folder")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args)
+    except FlagError as err:
+        parser.error(str(err))
+    from d3.evaluation import PROTOCOL, EvaluationError, run
+
     try:
         run(
             args.dataset, args.data_root,

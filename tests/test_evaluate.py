@@ -277,9 +277,10 @@ def test_errors_name_the_sample(depth_sets, tmp_path, capsys):
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["invalid"] == {"allow_invalid": True, "samples_with_nonfinite": 1, "nonfinite_values": 6,
                             "skipped_empty_mask": 0}
-    # data root missing / empty
-    assert evaluate.main(["--dataset", "nyu", "--data-root", str(tmp_path / "none"), "--predictions", str(preds)]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    # data root missing (a usage error, before anything is read) / empty
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--dataset", "nyu", "--data-root", str(tmp_path / "none"), "--predictions", str(preds)])
+    assert exit_.value.code == 2 and "--data-root" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert evaluate.main(["--dataset", "nyu", "--data-root", str(tmp_path / "empty"), "--predictions", str(preds)]) == 1
     assert "no samples found" in capsys.readouterr().err
