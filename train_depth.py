@@ -9,11 +9,13 @@ terms and their weights. Everything generic (the D³ step, the loop, checkpoints
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from d3.losses import depth_losses
-from d3.predictor import PROMPTS
-from d3.training import TaskRecipe, main
+from d3.flags import PROMPTS
+from d3.training_args import TaskRecipe, main  # light: torch is imported once the flags have been checked
+
+if TYPE_CHECKING:
+    import torch
 
 # Appendix 6.2: a fixed prompt per task.
 PROMPT = PROMPTS["depth"]
@@ -32,6 +34,8 @@ def encode_depth_target(sample: dict, low: float = 0.02, high: float = 0.98) -> 
     """Depth (1,H,W) -> 3-channel target in [-1, 1] at the same size: the 2%/98% quantiles of valid depth map to
     -1/+1 (clipped), far is bright, invalid pixels are set to the far plane (as Marigold normalises its targets; the
     authors' released targets come pre-normalised). The reader then resizes it to the training square."""
+    import torch
+
     depth, valid = sample["depth"], sample["valid"]
     values = depth[valid]
     if values.numel() == 0:
@@ -45,6 +49,8 @@ def encode_depth_target(sample: dict, low: float = 0.02, high: float = 0.98) -> 
 def depth_task_loss(pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
     """At the ground truth's native size: MSE on the normalised target, affine-invariant L1 against the raw depth,
     log-space gradient matching (`d3.losses.depth_losses`)."""
+    from d3.losses import depth_losses
+
     return depth_losses(pred, batch["target"], batch["gt"], batch["valid"])
 
 

@@ -11,11 +11,13 @@ top to bottom: the prompt, the mixing, the target, the loss terms and their weig
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from d3.losses import matting_losses
-from d3.predictor import PROMPTS
-from d3.training import TaskRecipe, main
+from d3.flags import PROMPTS
+from d3.training_args import TaskRecipe, main  # light: torch is imported once the flags have been checked
+
+if TYPE_CHECKING:
+    import torch
 
 # Appendix 6.2: a fixed prompt per task (--prompt replaces it, e.g. for a domain-specific segmentation task).
 PROMPT = PROMPTS["matting"]
@@ -34,6 +36,8 @@ LOSS_WEIGHTS = {"mse": 5.0, "l1": 10.0, "grad": 50.0}
 def matting_task_loss(pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
     """At the training size, over the whole image: MSE and L1 in [-1, 1], gradient matching of the [0, 1] mattes at
     scales 1, 2 and 4 (`d3.losses.matting_losses`)."""
+    from d3.losses import matting_losses
+
     return matting_losses(pred, batch["target"])
 
 

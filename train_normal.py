@@ -10,11 +10,13 @@ the mixing, how normals become a target image, the loss terms and their weights.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from d3.losses import normal_losses
-from d3.predictor import PROMPTS
-from d3.training import TaskRecipe, main
+from d3.flags import PROMPTS
+from d3.training_args import TaskRecipe, main  # light: torch is imported once the flags have been checked
+
+if TYPE_CHECKING:
+    import torch
 
 # Appendix 6.2: a fixed prompt per task.
 PROMPT = PROMPTS["normal"]
@@ -39,12 +41,16 @@ LOSS_WEIGHTS = {"mse": 8.0, "angular": 3.0}
 def flip_normal_target(target: torch.Tensor) -> torch.Tensor:
     """After a horizontal image flip a surface that faced right faces left: negate x (channel 0), keep y and z.
     Applied to the target image and to the native normals alike."""
+    import torch
+
     return torch.cat([-target[..., :1, :, :], target[..., 1:, :, :]], dim=-3)
 
 
 def normal_task_loss(pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
     """At the ground truth's native size: MSE over the 3 channels against the target image and the mean angle
     against the true normals, both over valid pixels only (`d3.losses.normal_losses`)."""
+    from d3.losses import normal_losses
+
     return normal_losses(pred, batch["target"], batch["gt"], batch["valid"])
 
 

@@ -1,8 +1,9 @@
 """The training machinery shared by train_depth.py, train_normal.py and train_matting.py.
 
 A task is a `TaskRecipe` (prompt, data modality, mixing defaults, target encoding, loss terms and weights); this
-module owns everything else: flags in the style of the diffusers training examples, the D³ step, gradient
-accumulation, mixed precision, checkpoints that resume exactly, logging, and the export of the inference folder.
+module owns everything else: the D³ step, gradient accumulation, mixed precision, checkpoints that resume exactly,
+logging, and the export of the inference folder. The flags (in the style of the diffusers training examples) and
+their checks live in the light `d3.training_args` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +24,6 @@ from torch.utils.data import DataLoader
 
 from .aggregation import D3Model, expert_features
 from .backbone import (
-    DEFAULT_BASE_MODEL,
     decode_latent,
     encode_condition,
     encode_image,
@@ -31,110 +32,13 @@ from .backbone import (
 )
 from .denoisers import Denoiser
 from .data.folders import BadSampleError, collate, open_sources
-from .data.mixing import MIXING_MODES, RankSlice, concat, make_sampler, mixing_probabilities, parse_dataset_spec
-from .features import LAYER_SETS, FeatureCapture
-from .heads import HEAD_TYPES, ProjectionHeads
+from .data.mixing import RankSlice, concat, make_sampler, mixing_probabilities, parse_dataset_spec
+from .features import FeatureCapture
+from .heads import ProjectionHeads
 from .predictor import cast_module
+from .training_args import TaskRecipe, build_parser, main, validate_args  # noqa: F401  (the flags: a light module)
 
 logger = logging.getLogger("d3.train")
-
-
-@dataclass
-class TaskRecipe:
-    task: str  # "depth" | "normal" | "matting"
-    prompt: str
-    modality: str  # which ground truth the datasets load: "depth" | "normal" | "alpha"
-    default_mixing: dict[str, float]  # source kind -> sampling probability (renormalised over what is given)
-    loss_weights: dict[str, float]  # term name -> default weight inside L_task
-    task_loss: Callable[[torch.Tensor, dict], dict[str, torch.Tensor]]  # decoded prediction, batch -> terms
-    encode_target: Callable[[dict], torch.Tensor] | None = None  # raw sample -> 3-channel target in [-1, 1]
-    flip_target: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)  # after a horizontal flip
-    default_datasets: list[str] = field(default_factory=list)
-    paper_mixing: dict[str, float] | None = None  # the paper's stated shares where they differ (used by --mixing paper)
-
-
-# ------------------------------------------------------------------------------------------------------------ flags
-def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description or f"Train a D³ {recipe.task} predictor.")
-    a = p.add_argument
-    a("--pretrained_model_name_or_path", default=DEFAULT_BASE_MODEL, help="hub id or local diffusers SD folder")
-    a("--revision", default=None)
-    a("--variant", default=None)
-    a("--output_dir", default=f"d3-{recipe.task}", help="checkpoints and the final inference folder")
-    a("--dataset", action="append", default=None, metavar="PATH[:PROB]",
-      help="training folder (plain or the authors' format), repeatable; PROB overrides its mixing probability "
-           f"(defaults by source kind: {recipe.default_mixing}"
-           + (f"; with --mixing paper {recipe.paper_mixing}" if recipe.paper_mixing else "") + ")")
-    a("--mixing", default="official", choices=MIXING_MODES,
-      help="official (trained the released checkpoints): every full batch of every source once per epoch, so the "
-           "sources' sizes set their shares and the probabilities only order the batches; paper: each batch's source "
-           "drawn with the probabilities, with replacement, so the shares are the probabilities")
-    a("--max_train_samples", type=int, default=None, help="use at most this many samples of each source (Fig. 8)")
-    a("--resolution", type=int, default=768, help="square training resolution (images are squashed, as official)")
-    a("--hflip_prob", type=float, default=0.0,
-      help="probability of a random horizontal flip per image (default 0: the authors train without augmentation; "
-           "0.5 is Marigold's choice)")
-    a("--loss_resolution", default="native", choices=["native", "train"],
-      help="where depth and normal losses are taken: at each ground truth's native size, as the authors' code does "
-           "(native), or on ground truth resized to the training square (train)")
-    a("--init_from", default=None, metavar="PTH",
-      help="start from the authors' released .pth (student, learned timestep and projection heads, strictly "
-           "loaded) to continue their training; the base model still comes from --pretrained_model_name_or_path")
-    a("--prompt", default=recipe.prompt, help="the fixed task prompt (appendix 6.2)")
-    a("--train_batch_size", type=int, default=4, help="images per device per micro-batch")
-    a("--gradient_accumulation_steps", type=int, default=8)
-    a("--max_train_steps", type=int, default=30000, help="optimizer updates")
-    a("--learning_rate", type=float, default=3e-5)
-    a("--lr_scheduler", default="constant_with_warmup",
-      choices=["constant", "constant_with_warmup", "linear", "cosine", "polynomial"])
-    a("--lr_warmup_steps", type=int, default=2000)
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=0.01)
-    a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-      help="default: accelerate's config; frozen teacher and VAE are stored in this precision")
-    a("--seed", type=int, default=42)
-    a("--dataloader_num_workers", type=int, default=2)
-    a("--checkpointing_steps", type=int, default=1000)
-    a("--checkpoints_total_limit", type=int, default=None)
-    a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
-    a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
-    a("--logging_dir", default="logs")
-    a("--log_history", default=None, metavar="JSON",
-      help="also write every optimizer step's logged values (losses, lr, timestep, mixture) to this JSON file")
-    # D³ objective
-    a("--layer_set", default=None,
-      help=f"aligned layers: UNet {LAYER_SETS} (default up), Flux single|single:N|double|all (default single: the "
-           "last 25 single-stream blocks), SD3 blocks|blocks:N|all, or comma-separated module paths")
-    a("--head_type", default="cleandift", choices=HEAD_TYPES, help="projection head (Table 7 ablation)")
-    a("--num_timesteps", type=int, default=3, help="expert timesteps per image (stratified over [1, 999])")
-    a("--student_timestep", type=float, default=None,
-      help="initial student timestep on the 0-1000 scale (default: 261 for a UNet, 420 = 1000·σ for a DiT)")
-    a("--freeze_timestep", action="store_true", help="keep the student timestep fixed instead of learning it")
-    a("--lambda_task", type=float, default=1.0, help="λ in L = L_agg + λ·L_task")
-    a("--lambda_align", type=float, default=1.0, help="weight of L_agg (0 disables the alignment)")
-    for term, weight in recipe.loss_weights.items():
-        a(f"--lambda_{term}", type=float, default=weight, help=f"weight of the {term} term in L_task")
-    a("--on_bad_sample", default="skip", choices=["skip", "error"])
-    a("--max_nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
-    # speed and memory (README, "Performance"); none of these changes the step's mathematics
-    a("--gradient_checkpointing", action="store_true",
-      help="recompute the student UNet's and the VAE decoder's activations in the backward pass (less memory)")
-    a("--channels_last", action="store_true", help="NHWC memory format for the UNets and the VAE")
-    a("--compile", action="store_true", help="torch.compile student, teacher and VAE (one graph per resolution)")
-    a("--allow_tf32", action="store_true", help="TF32 for the fp32 matmuls and convolutions (Ampere and newer)")
-    a("--no_fused_adam", action="store_true", help="the foreach AdamW instead of the fused one on CUDA")
-    # memory for large backbones (FLUX.1-dev: README, "DiT backbones")
-    a("--lora_rank", type=int, default=0,
-      help="train LoRA adapters of this rank on the frozen student (0: full fine-tuning); the teacher then shares "
-           "the student's frozen weights instead of holding a copy")
-    a("--lora_alpha", type=float, default=None, help="LoRA scale numerator (default: the rank, i.e. scale 1)")
-    a("--save_lora_as", default="merged", choices=["merged", "adapter"],
-      help="export a LoRA student merged into full weights, or as the adapter alone (loads over the base model)")
-    a("--use_8bit_adam", action="store_true", help="8-bit AdamW states (bitsandbytes, CUDA only)")
-    return p
 
 
 # -------------------------------------------------------------------------------------------------------- the step
@@ -334,6 +238,25 @@ def build_training_data(args, recipe: TaskRecipe, num_processes: int = 1, proces
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
+# accelerate logs every file of `save_state` at INFO, naming the temporary .checkpoint-N.tmp folder the state is written
+# to before its rename; `save` silences them and logs the final checkpoint-N folder itself.
+ACCELERATE_SAVE_LOGGERS = ("accelerate.accelerator", "accelerate.checkpointing")
+
+
+@contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING):
+    """Raise the named loggers' level to `level` (warnings and errors still pass) for the duration of the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, before):
+            lg.setLevel(old)
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a folder is complete once renamed from its .tmp name)."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
@@ -553,7 +476,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "training_state"))
+        with quiet_loggers(*ACCELERATE_SAVE_LOGGERS):  # they would name the .tmp folder; the line below names the final
+            accelerator.save_state(str(tmp / "training_state"))
         full_state = gather_for_export(accelerator, model)
         if accelerator.is_main_process:
             (tmp / "training_state" / "trainer_state.json").write_text(
@@ -565,6 +489,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                 os.replace(final, aside)
             os.replace(tmp, final)
             shutil.rmtree(aside, ignore_errors=True)
+            logger.info("checkpoint saved to %s", final)
             if args.checkpoints_total_limit:
                 for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -655,10 +580,6 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
     if accelerator.is_main_process and getattr(args, "log_history", None):
         Path(args.log_history).write_text(json.dumps(history, indent=1))
     accelerator.end_training()
+    if accelerator.is_main_process:  # the run's last line: where the inference folder is
+        print(f"model saved to {final.resolve()}", flush=True)
     return TrainResult(final, history)
-
-
-def main(recipe: TaskRecipe, argv: list[str] | None = None, description: str | None = None) -> None:
-    args = build_parser(recipe, description).parse_args(argv)
-    train(args, recipe)
-
