@@ -33,9 +33,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from .predictor import PROMPTS, TASKS, CheckpointError, D3Config, D3Predictor
+from . import flags
+from .flags import PROMPTS, TASKS, CheckpointError, FlagError
+
+if TYPE_CHECKING:  # torch and the model code load inside the functions: `python -m d3.convert --help` stays quick
+    import torch
+
+    from .predictor import D3Predictor
 
 STUDENT_PREFIX = "d3_predictor."
 TIMESTEP_KEYS = ("timestep", STUDENT_PREFIX + "timestep")
@@ -91,6 +97,8 @@ def infer_task(path: str | Path, task: str | None = None) -> str:
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     for _ in range(3):  # e.g. {"module": {...}} or {"state_dict": {...}}
         if not isinstance(obj, Mapping):
             break
@@ -126,6 +134,8 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise
         except Exception as err:
             raise OfficialCheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for truncated files, ...
@@ -192,6 +202,8 @@ def load_official_training_state(path: str | Path, model) -> dict[str, int]:
     frozen teacher (`visual_experts.*`) and VAE (`ae.*`) are counted and skipped (the base model provides both).
     Any other key, a missing one or a wrong shape stops the load with the names listed. Returns the key counts.
     """
+    import torch
+
     path = Path(path)
     state = read_official_state_dict(path)
     weights = split_official_state_dict(state, model.student.state_dict(), path)
@@ -237,6 +249,7 @@ def load_official_predictor(
     `student_timestep` overrides the file's (needed only for a file saved without it).
     """
     from .backbone import DEFAULT_BASE_MODEL, BackboneLoadError, encode_prompt, load_backbone
+    from .predictor import D3Config, D3Predictor
 
     path = Path(path)
     task = infer_task(path, task)
@@ -268,22 +281,51 @@ def load_official_predictor(
 def convert(path: str | Path, output: str | Path, pretrained_model_name_or_path: str | Path | None = None,
             task: str | None = None, student_timestep: float | None = None) -> Path:
     """Write the official file as our checkpoint folder (fp32 weights: the release's bf16 values, exactly)."""
+    import torch
+
     predictor = load_official_predictor(path, pretrained_model_name_or_path, task, device="cpu",
                                         dtype=torch.float32, student_timestep=student_timestep)
     return predictor.save_pretrained(output)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m d3.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = flags.ArgumentParser(prog="python -m d3.convert", description=__doc__)
     p.add_argument("checkpoint", help="the authors' .pth (or a .safetensors with the same keys)")
     p.add_argument("--output", required=True, help="the d3 checkpoint folder to write")
     p.add_argument("--task", choices=TASKS, default=None, help="default: from the file name")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="Stable Diffusion 2.1 (hub id or local diffusers folder) for the VAE and the prompt "
                         "embedding (default: stabilityai/stable-diffusion-2-1)")
-    p.add_argument("--timestep", type=float, default=None, help="override the file's learned student timestep")
+    p.add_argument("--timestep", type=float, default=None,
+                   help="override the file's learned student timestep (0-1000; default: the file's)")
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """What can be checked before torch loads: the file exists, the task is known, the base and timestep are sane."""
+    flags.existing_path("checkpoint", args.checkpoint, "no such file (expected the authors' .pth checkpoint)")
+    if Path(args.checkpoint).is_dir():
+        raise flags.bad("checkpoint", args.checkpoint, "is a folder; expected the authors' .pth file")
+    try:
+        infer_task(args.checkpoint, args.task)
+    except CheckpointError as err:
+        raise FlagError(f"--task: {err}") from None
+    flags.model_source("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "folder")
+    flags.between("--timestep", args.timestep, 0, 1000)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise flags.bad("--output", args.output, "is a file, not a folder")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    try:
+        validate_args(args)
+    except FlagError as err:
+        p.error(str(err))
+    from .predictor import D3Config
+
     try:
         out = convert(args.checkpoint, args.output, args.pretrained_model_name_or_path, args.task, args.timestep)
     except CheckpointError as err:

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from d3 import flags
 from d3.io import find_images, load_rgb
 from d3.prepare.common import Counts, PlainFolder, atomic_copy, atomic_save_npy, atomic_save_png
 
@@ -220,14 +221,14 @@ def predict(model, processor, items: list[dict], device, dtype) -> list[np.ndarr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m d3.pseudo_label", description=__doc__.split("\n\n")[0])
+    p = flags.ArgumentParser(prog="python -m d3.pseudo_label", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, type=Path, help="folder of images (searched recursively)")
     p.add_argument("--output", required=True, type=Path, help="plain training folder to write")
     p.add_argument("--model", default=DEFAULT_MODEL, help="depth-estimation model: hub id or local folder")
     p.add_argument("--depth_kind", default="auto", choices=("auto",) + DEPTH_KINDS,
                    help="what the post-processed output is (auto: from the model type)")
     p.add_argument("--source", default="coco", help="source name written to d3_dataset.json")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=4, help="images per model call")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding and preprocessing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
@@ -311,8 +312,24 @@ def run(args: argparse.Namespace) -> Counts:
     return counts
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """The checks that need no model (the model itself is looked up by `run`, which names --model if it fails)."""
+    flags.existing_path("--input", args.input, "no such folder of images", folder=True)
+    flags.at_least("--batch_size", args.batch_size, 1)
+    flags.at_least("--num_workers", args.num_workers, 0)
+    flags.positive("--max_depth", args.max_depth)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise flags.bad("--output", args.output, "is a file, not a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
-    counts = run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args)
+    except flags.FlagError as err:
+        parser.error(str(err))
+    counts = run(args)
     return 1 if counts.failed else 0
 
 

@@ -12,13 +12,12 @@ as it would load `stabilityai/stable-diffusion-2-1`.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from . import flags
+
+# torch, diffusers and transformers are imported by the functions that build models, so --help answers at once.
 
 # SD 2.1's noise schedule (scaled-linear betas, v-prediction, 1000 steps).
 SD21_SCHEDULER = dict(
@@ -204,7 +203,7 @@ def _tiny_t5_tokenizer(max_length: int):
 
 
 def _clip_parts(spec: dict, out: Path, tokenizer_dir: str, encoder_dir: str, projection: bool = False) -> None:
-    from transformers import CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab, merges = _byte_level_vocab()
     CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(out / tokenizer_dir)
@@ -221,6 +220,8 @@ def _clip_parts(spec: dict, out: Path, tokenizer_dir: str, encoder_dir: str, pro
 def build_tiny_dit(output_dir: str | Path, preset: str = "tiny-flux", seed: int = 0) -> Path:
     """Write a diffusers FLUX.1- or SD3-style folder with random weights (deterministic in `seed`)."""
     import diffusers
+    import torch
+    from diffusers import AutoencoderKL
     from transformers import T5Config, T5EncoderModel
 
     spec = DIT_PRESETS[preset]
@@ -257,6 +258,10 @@ def build_tiny_backbone(output_dir: str | Path, preset: str = "tiny", seed: int 
 
     Deterministic in `seed`, so every test session builds the same backbone.
     """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     if preset in DIT_PRESETS:
         return build_tiny_dit(output_dir, preset, seed)
     if preset not in PRESETS:
@@ -301,11 +306,14 @@ def build_tiny_backbone(output_dir: str | Path, preset: str = "tiny", seed: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = flags.ArgumentParser(prog="python -m d3.tiny", description=__doc__)
     parser.add_argument("--output", required=True, help="folder to write the diffusers backbone into")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS) + sorted(DIT_PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS) + sorted(DIT_PRESETS),
+                        help="which shapes (tiny*: for tests; sd21: SD 2.1 sizes, random weights)")
+    parser.add_argument("--seed", type=int, default=0, help="the random weights depend on it only")
     args = parser.parse_args(argv)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        parser.error(f"--output {args.output}: is a file, not a folder")
     path = build_tiny_backbone(args.output, args.preset, args.seed)
     print(f"wrote {args.preset} backbone to {path}")
 

@@ -45,7 +45,6 @@ Two levels of API:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -857,21 +856,30 @@ def write_synthetic_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
+    from d3 import flags
+
+    parser = flags.ArgumentParser(
         prog="python -m d3.data.synthetic",
         description="Write procedural scenes (RGB, depth, normals, alpha) as a plain training folder.",
     )
     parser.add_argument("--output", required=True, help="folder to write (created if missing)")
-    parser.add_argument("--num_scenes", type=int, required=True)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--num_scenes", type=int, required=True, help="how many scenes (one sample each)")
+    parser.add_argument("--height", type=int, default=64, help="image height in pixels")
+    parser.add_argument("--width", type=int, default=64, help="image width in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="the scenes depend on it only")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="ground truths to write")
     parser.add_argument("--hfov_deg", type=float, default=60.0, help="horizontal field of view")
     parser.add_argument("--supersample", type=int, default=3, help="sub-pixel rays per axis on edges")
     parser.add_argument("--invalid_fraction", type=float, default=0.0, help="blank this much depth")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    try:
+        for flag in ("--num_scenes", "--height", "--width", "--supersample"):
+            flags.at_least(flag, getattr(args, flag[2:]), 1)
+        flags.between("--hfov_deg", args.hfov_deg, 1, 179)
+        flags.between("--invalid_fraction", args.invalid_fraction, 0, 1)
+    except flags.FlagError as err:
+        parser.error(str(err))
     root = write_synthetic_dataset(
         args.output,
         args.num_scenes,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
+from .. import flags
 from . import SOURCES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m d3.prepare",
         description="Convert a raw training release into the plain folder format the train scripts read. "
         "Re-running skips finished samples and scenes.",
@@ -19,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SOURCES:
         module = importlib.import_module(f".{name}", __package__)
         p = sub.add_parser(name, help=module.__doc__.splitlines()[0],
-                           description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           description=module.__doc__, formatter_class=flags.HelpFormatter)
         p.add_argument("--src", required=True, help="root of the raw release")
         p.add_argument("--dst", required=True, help="output folder (one source per folder)")
         p.add_argument("--workers", type=int, default=0, help="worker processes (0 = convert in this process)")
@@ -29,7 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 when every planned sample exists afterwards, 1 when some failed (they are listed)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        flags.existing_path("--src", args.src, "no such folder", folder=True)
+        flags.at_least("--workers", args.workers, 0)
+        if Path(args.dst).exists() and not Path(args.dst).is_dir():
+            raise flags.bad("--dst", args.dst, "is a file, not a folder")
+    except flags.FlagError as err:
+        parser.error(str(err))
     counts = importlib.import_module(f".{args.source}", __package__).run(args)
     return 1 if counts.failed else 0
 
