@@ -1,4 +1,4 @@
-"""Train a D³ alpha-matting predictor (paper §3, appendix 6.2–6.4), or any image -> soft-mask task.
+r"""Train a D³ alpha-matting predictor (paper §3, appendix 6.2–6.4), or any image -> soft-mask task.
 
     accelerate launch train_matting.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
         --dataset data/P3M-10k/train --output_dir d3-matting

@@ -1,4 +1,4 @@
-"""Train a D³ surface-normal predictor (paper §3, appendix 6.2–6.4).
+r"""Train a D³ surface-normal predictor (paper §3, appendix 6.2–6.4).
 
     accelerate launch train_normal.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
         --dataset data/hypersim --dataset data/sintel --output_dir d3-normal

@@ -1,4 +1,4 @@
-"""The authors' released checkpoints (`depth_checkpoint.pth`, ...) as d3 predictors and checkpoint folders.
+r"""The authors' released checkpoints (`depth_checkpoint.pth`, ...) as d3 predictors and checkpoint folders.
 
     python -m d3.convert depth_checkpoint.pth --output d3-depth-official \
         --pretrained_model_name_or_path /path/to/stable-diffusion-2-1
