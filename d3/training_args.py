@@ -162,8 +162,10 @@ def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise flags.bad("--output_dir", args.output_dir, "is a file, not a folder")
-    if args.log_history and not Path(args.log_history).expanduser().parent.is_dir():
-        raise flags.bad("--log_history", args.log_history, "its folder does not exist")
+    if args.log_history:  # written at the end of the run: its folder must exist by then (--output_dir is created)
+        folder = Path(args.log_history).expanduser().parent
+        if not (folder.is_dir() or folder.resolve() == output_dir.resolve()):
+            raise flags.bad("--log_history", args.log_history, "its folder does not exist")
 
 
 def main(recipe: TaskRecipe, argv: list[str] | None = None, description: str | None = None) -> None:

@@ -184,7 +184,7 @@ def test_good_flags_pass_the_checks(inputs, tiny_backbone_dir):
         args = build_parser(train_depth.RECIPE).parse_args([
             "--pretrained_model_name_or_path", base, "--dataset", f"{inputs['data']}:0.5", "--resolution", "32",
             "--max_train_steps", "1", "--output_dir", str(inputs["root"] / "run"), "--resume_from_checkpoint",
-            "latest"])
+            "latest", "--log_history", str(inputs["root"] / "run" / "history.json")])  # in the folder the run makes
         validate_args(args, train_depth.RECIPE)
 
 

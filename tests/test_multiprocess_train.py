@@ -81,7 +81,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def two_process_run(tiny_backbone_dir, scenes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dp2") / "run"
-    run(2, _args(tiny_backbone_dir, scenes, out, batch=2, accumulation=1), port=29641)
+    proc = run(2, _args(tiny_backbone_dir, scenes, out, batch=2, accumulation=1), port=29641)
+    # one final line for the run (the main process's), and logs that name no temporary checkpoint folder
+    assert proc.stdout.count("model saved to ") == 1 and f"model saved to {out.resolve()}" in proc.stdout, proc.stdout
+    assert ".tmp" not in proc.stdout + proc.stderr
     return out
 
 
