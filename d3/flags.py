@@ -70,7 +70,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return f"{help} (default: off)".lstrip()
         return f"{help} (default: %(default)s)".lstrip()
 
-
     def _split_lines(self, text: str, width: int) -> list[str]:
         # never at a hyphen, so hub ids (stabilityai/stable-diffusion-2-1) and flag names stay whole
         return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
@@ -90,10 +89,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
-
-
-def fail(parser: argparse.ArgumentParser, err: FlagError) -> NoReturn:
-    parser.error(str(err))
 
 
 # ----------------------------------------------------------------------------------------------- value checks
@@ -141,11 +136,3 @@ def model_source(flag: str, value: str | None, what: str) -> None:
         return
     if looks_like_local_path(value):
         raise bad(flag, value, f"no such {what} (and not a hub id owner/name)")
-
-
-def run_with_flag_errors(parser: argparse.ArgumentParser, validate, args: argparse.Namespace) -> None:
-    """Run `validate(args)`; a FlagError ends the program as a usage error (one line, exit status 2)."""
-    try:
-        validate(args)
-    except FlagError as err:
-        fail(parser, err)
