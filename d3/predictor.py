@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .backbone import decode_latent, encode_image
+from .latents import decode_latent, encode_image
 
 FORMAT_VERSION = 1
 TASKS = ("depth", "normal", "matting")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .aggregation import D3Model
-from .backbone import decode_latent, encode_image
+from .latents import decode_latent, encode_image
 from .denoisers import as_denoiser
 from .training import StepOutput
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_depth
-from d3.aggregation import stratified_timesteps
+from d3.timesteps import stratified_timesteps
 from d3.data.synthetic import render_scene
 from d3.training import d3_step
 from d3.reference_step import per_copy_step

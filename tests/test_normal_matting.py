@@ -18,7 +18,7 @@ from PIL import Image
 import infer
 import train_matting
 import train_normal
-from d3.aggregation import stratified_timesteps
+from d3.timesteps import stratified_timesteps
 from d3.data.folders import BadSampleError, TrainingFolder, collate, open_sources
 from d3.data.synthetic import Camera, Plane, Rect, SceneDescription, render, render_scene, rotation_matrix
 from d3.losses import multiscale_gradient_loss, normal_losses

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import train_depth
-from d3.aggregation import stratified_timesteps
+from d3.timesteps import stratified_timesteps
 from d3.prefetch import BackgroundWriter, ordered_prefetch, predict_files
 from d3.training import adamw, apply_speed_flags, build_parser, d3_step
 from d3.reference_step import per_copy_step
