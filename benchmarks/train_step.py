@@ -115,7 +115,7 @@ class Bench:
         from d3.latents import vae_scale_factor
         from d3.predictor import cast_module
         from d3.training import adamw, apply_speed_flags
-        from tests.parts import build_parts
+        from d3.reference_step import build_parts
 
         self.args, self.device = args, device
         self.dtype = weight_dtype(args.precision, device)

@@ -24,8 +24,7 @@ from d3.data.synthetic import Camera, Plane, Rect, SceneDescription, render, ren
 from d3.losses import multiscale_gradient_loss, normal_losses
 from d3.outputs import normal_to_rgb
 from d3.training import build_parser, build_training_data, d3_step, random_hflip
-from d3.reference_step import per_copy_step
-from tests.parts import build_parts
+from d3.reference_step import build_parts, per_copy_step
 from tests.test_equivalence import cast_batch
 
 REL_TOL = 1e-5
