@@ -554,11 +554,9 @@ def evaluate_benchmark(
                               "skipped_empty_mask": sum(1 for r in records if r.empty_mask)}
         if save_dir is not None:
             summary["saved_predictions"] = str(save_dir)
-        if shard.sharded:
-            summary["processes"] = shard.world_size
-            if not shard.can_gather():  # RANK / WORLD_SIZE without a rendezvous: this process's share only
-                summary["share"] = {"rank": shard.rank, "of": shard.world_size,
-                                    "note": f"samples i with i % {shard.world_size} == {shard.rank} only"}
+        if shard.sharded and not shard.can_gather():  # RANK / WORLD_SIZE without a rendezvous: this share only
+            summary["share"] = {"rank": shard.rank, "of": shard.world_size,
+                                "note": f"samples i with i % {shard.world_size} == {shard.rank} only"}
 
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -785,7 +783,7 @@ def run(
             print_fn(format_group_table(dataset, summaries, label))
             for s in summaries.values():
                 report_skipped(s, print_fn)
-            sub = share_output(Path("<name>"), shard) if shard.sharded else Path("<name>")
+            sub = share_output(Path("<name>"), shard) if shard.sharded and not gathered else Path("<name>")
             print_fn(f"per-dataset per_sample.csv and summary.json in {output / sub}/")
             return summaries
 
