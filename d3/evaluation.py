@@ -4,6 +4,8 @@ Per sample: get the prediction (a file, or the one-step predictor in memory), ch
 values, align / clip (depth), compute the metrics of :mod:`d3.metrics`; then average with equal
 weight per image and write ``per_sample.csv`` and ``summary.json``. ``--checkpoint`` predicts in the paper's
 geometry by default, a squash to the square processing resolution (:func:`load_predictor`); summary.json records it.
+Under torchrun each process scores the samples it owns (:mod:`d3.sharding`), and rank 0 aggregates every sample's
+:class:`SampleRecord` in dataset order, as one process does.
 
 Prediction files (``--predictions DIR``) are looked up, in this order (``REL`` = the RGB path relative to the
 data root without its extension), as
