@@ -744,13 +744,41 @@ def run(
     base_model = kwargs.pop("pretrained_model_name_or_path", None)  # for an official .pth checkpoint
     official_preprocess = kwargs.pop("official_preprocess", False)
     resize_mode = kwargs.pop("resize_mode", None)  # None: squash for a checkpoint, a given predictor's own
-    if predictor is None and checkpoint is not None:
-        predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
-    elif resize_mode is not None:
-        kwargs["resize_mode"] = resize_mode
+    gathered = shard.sharded and shard.can_gather()
+    with shard.connected():  # one rendezvous for the model load and every dataset of a group
+        if predictor is None and checkpoint is not None:
+            if not gathered:
+                predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
+            else:  # a process that cannot load the model stops every process, not only itself
+                failure = None
+                try:
+                    predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
+                except Exception as e:  # noqa: BLE001 - reported by rank 0, then raised by every process
+                    if not isinstance(e, (EvaluationError, ValueError, OSError)):
+                        traceback.print_exc()
+                    failure = f"rank {shard.rank} of {shard.world_size}: cannot load {checkpoint}: {e}"
+                _agree(shard, failure)
+        elif resize_mode is not None:
+            kwargs["resize_mode"] = resize_mode
+        return _run_loaded(dataset, data_root, shard, gathered, checkpoint=checkpoint, predictions=predictions,
+                           predictor=predictor, output=output, split=split, reader_kwargs=reader_kwargs,
+                           print_fn=print_fn, device=device, **kwargs)
+
+
+def _agree(shard: Shard, failure: Optional[str]) -> None:
+    """Every process of a run with a rendezvous raises if any one had a `failure` (rank 0 with every reason)."""
+    try:
+        failed = shard.collect(failure, lambda everyone: "; ".join(f for f in everyone if f is not None) or None)
+    except RankZeroFailed as e:
+        raise ShardFailed(str(e)) from e
+    if failed is not None:
+        raise EvaluationError(failed) if shard.is_main else ShardFailed(failed)
+
+
+def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint, predictions, predictor, output,
+                split, reader_kwargs, print_fn, device, **kwargs) -> Dict[str, Dict[str, Any]]:
     label = str(checkpoint) if checkpoint is not None else str(predictions)
     save = kwargs.pop("save_predictions", None)
-    gathered = shard.sharded and shard.can_gather()
     if gathered and not shard.is_main:
         print_fn = _silent  # rank 0 prints the run's tables
     elif shard.sharded and not gathered:  # RANK / WORLD_SIZE without a rendezvous: each process its own share
@@ -759,41 +787,40 @@ def run(
                  f"numbers below are this process's share (samples i with i % {shard.world_size} == {shard.rank})")
         label = f"{label} [{where}]"
 
-    with shard.connected():  # one rendezvous for every dataset of a group
-        if dataset in GROUPS:
-            if split is not None:
-                raise ValueError("--split applies to a single dataset, not to " + dataset)
-            summaries: Dict[str, Dict[str, Any]] = {}
-            for name in GROUPS[dataset]:
-                cls = BENCHMARKS[name]
-                loc = cls.present_in(data_root)
-                if loc is None:
-                    print_fn(f"{name}: not found under {data_root} (looked for {', '.join(cls.default_paths)}), "
-                             "skipped")
-                    continue
-                bench = cls(loc, None, **(reader_kwargs or {}).get(name, {}))
-                summary = evaluate_benchmark(
-                    bench, predictions=Path(predictions) / name if predictions is not None else None,
-                    predictor=predictor, checkpoint=checkpoint, output=output / name, device=device,
-                    save_predictions=Path(save) / name if save is not None else None, shard=shard, **kwargs)
-                if summary is not None:
-                    summaries[name] = summary
-            if gathered and not shard.is_main:
-                return {}
-            if not summaries:
-                raise FileNotFoundError(f"{dataset}: none of {', '.join(GROUPS[dataset])} found under {data_root}")
-            print_fn(format_group_table(dataset, summaries, label))
-            for s in summaries.values():
-                report_skipped(s, print_fn)
-            sub = share_output(Path("<name>"), shard) if shard.sharded and not gathered else Path("<name>")
-            print_fn(f"per-dataset per_sample.csv and summary.json in {output / sub}/")
-            return summaries
+    if dataset in GROUPS:
+        if split is not None:
+            raise ValueError("--split applies to a single dataset, not to " + dataset)
+        summaries: Dict[str, Dict[str, Any]] = {}
+        for name in GROUPS[dataset]:
+            cls = BENCHMARKS[name]
+            loc = cls.present_in(data_root)
+            if loc is None:
+                print_fn(f"{name}: not found under {data_root} (looked for {', '.join(cls.default_paths)}), "
+                         "skipped")
+                continue
+            bench = cls(loc, None, **(reader_kwargs or {}).get(name, {}))
+            summary = evaluate_benchmark(
+                bench, predictions=Path(predictions) / name if predictions is not None else None,
+                predictor=predictor, checkpoint=checkpoint, output=output / name, device=device,
+                save_predictions=Path(save) / name if save is not None else None, shard=shard, **kwargs)
+            if summary is not None:
+                summaries[name] = summary
+        if gathered and not shard.is_main:
+            return {}
+        if not summaries:
+            raise FileNotFoundError(f"{dataset}: none of {', '.join(GROUPS[dataset])} found under {data_root}")
+        print_fn(format_group_table(dataset, summaries, label))
+        for s in summaries.values():
+            report_skipped(s, print_fn)
+        sub = share_output(Path("<name>"), shard) if shard.sharded and not gathered else Path("<name>")
+        print_fn(f"per-dataset per_sample.csv and summary.json in {output / sub}/")
+        return summaries
 
-        if dataset not in BENCHMARKS:
-            raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(BENCHMARKS) + sorted(GROUPS)}")
-        bench = BENCHMARKS[dataset](data_root, split, **(reader_kwargs or {}))
-        summary = evaluate_benchmark(bench, predictions=predictions, predictor=predictor, checkpoint=checkpoint,
-                                     output=output, device=device, save_predictions=save, shard=shard, **kwargs)
+    if dataset not in BENCHMARKS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(BENCHMARKS) + sorted(GROUPS)}")
+    bench = BENCHMARKS[dataset](data_root, split, **(reader_kwargs or {}))
+    summary = evaluate_benchmark(bench, predictions=predictions, predictor=predictor, checkpoint=checkpoint,
+                                 output=output, device=device, save_predictions=save, shard=shard, **kwargs)
     if summary is None:  # another rank than 0 of a sharded run
         return {}
     print_fn(format_table([summary]))
