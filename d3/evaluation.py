@@ -304,7 +304,7 @@ def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_
     import dataclasses
 
     from d3.predictor import RESIZE_MODES
-    from d3.predictor import load_predictor as load  # only the --checkpoint path needs the model code
+    from d3.loading import load_predictor as load  # only the --checkpoint path needs the model code
 
     mode = resize_mode or EVAL_RESIZE_MODE
     if mode not in RESIZE_MODES:

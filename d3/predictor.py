@@ -477,39 +477,3 @@ def resolve_checkpoint(name: str | Path, revision: str | None = None) -> Path:
             raise CheckpointError(f"{text}: not a local folder or file, and not downloadable from the Hugging Face "
                                   f"Hub ({type(err).__name__}); pass a local checkpoint folder") from None
     raise CheckpointError(f"{path}: no such checkpoint folder or file")
-
-
-def load_predictor(
-    checkpoint: str | Path,
-    *,
-    device=None,
-    dtype=None,
-    task: str | None = None,
-    pretrained_model_name_or_path: str | Path | None = None,
-    official_preprocess: bool = False,
-) -> D3Predictor:
-    """Whatever checkpoint a user holds: our folder (local or a hub id), or the authors' `.pth` release.
-
-    The release is converted on load (`d3.convert`); it needs the SD 2.1 base (`pretrained_model_name_or_path`) for
-    the VAE and the prompt embedding. `official_preprocess` switches the defaults to the authors' inference: a
-    768x768 squash with plain bilinear resizing both ways. Their prompt and channel mean are what every d3 model
-    uses anyway; one difference remains: they *sample* the VAE posterior, d3 takes its mean (deterministic).
-    """
-    import dataclasses
-    import warnings
-
-    path = resolve_checkpoint(checkpoint)
-    if path.is_file():
-        from .convert import load_official_predictor
-
-        predictor = load_official_predictor(path, pretrained_model_name_or_path, task=task, device=device,
-                                            dtype=dtype)
-    else:
-        predictor = D3Predictor.from_pretrained(path, device=device, dtype=dtype, task=task)
-    if official_preprocess:
-        predictor.config = dataclasses.replace(predictor.config, resize_mode="squash",
-                                               processing_res=OFFICIAL_PROCESSING_RES)
-        if predictor.config.prompt and predictor.config.prompt != PROMPTS[predictor.task]:
-            warnings.warn(f"{path}: trained with its own prompt {predictor.config.prompt!r}; its embedding is kept "
-                          "(the official prompt cannot be re-embedded without the text encoder)", stacklevel=2)
-    return predictor
