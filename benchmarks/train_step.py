@@ -113,7 +113,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, device: torch.device):
         import train_depth
         from d3.latents import vae_scale_factor
-        from d3.predictor import cast_module
+        from d3.devices import cast_module
         from d3.training import adamw, apply_speed_flags
         from d3.reference_step import build_parts
 

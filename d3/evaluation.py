@@ -41,6 +41,7 @@ from d3 import metrics as M
 from d3.data.benchmarks import (
     BENCHMARKS, GROUPS, Benchmark, BenchmarkSample, DepthBenchmark, decode_png_unit,
 )
+from d3.devices import resolve_device
 from d3.sharding import RankZeroFailed, Shard
 
 PROTOCOL = "protocol"  # sentinel: the dataset's own alignment_max_res / Marigold processing resolution
@@ -55,12 +56,6 @@ TASK_METRICS: Dict[str, Sequence[str]] = {
 
 class EvaluationError(RuntimeError):
     """A problem with one sample's prediction; the message names the sample."""
-
-
-def resolve_device(device: Optional[str]) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +438,7 @@ def evaluate_benchmark(
     if (predictions is None) == (predictor is None):
         raise ValueError("give exactly one of predictions (a folder) or predictor")
     shard = shard or Shard()
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    device = resolve_device(device)
     pred_dir = Path(predictions) if predictions is not None else None
     if pred_dir is not None and not pred_dir.is_dir():
         raise FileNotFoundError(f"{bench.name}: prediction folder {pred_dir} does not exist")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .devices import DTYPES, cast_module, default_dtype, resolve_device
 from .latents import decode_latent, encode_image
 
 FORMAT_VERSION = 1
@@ -153,42 +154,6 @@ def read_condition(file: Path, architecture: str = "unet") -> torch.Tensor | dic
     return tensors
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision where the hardware does it well; fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
-
-
-def cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a model, casting only when the dtype really changes.
-
-    diffusers' `ModelMixin.to(dtype)` warns about "modules that should be kept in float32" on every cast, even when
-    the model lists none (diffusers 0.42 tests the list against None, never empty): such a model is cast by torch's
-    own `Module.to`, which is what diffusers then does anyway, so users do not see a false warning on every run.
-    """
-    module = module.to(device)
-    if next(module.parameters()).dtype == dtype:
-        return module
-    if getattr(module, "_keep_in_fp32_modules", None):
-        return module.to(dtype)  # diffusers keeps those modules in fp32
-    return torch.nn.Module.to(module, dtype)
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
 def _listed(names: Sequence[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
@@ -268,7 +233,7 @@ class D3Predictor:
 
     def __init__(self, unet, vae, prompt_embeds: torch.Tensor, config: D3Config, device=None, dtype=None):
         self.config = config
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(self.device))
         from .denoisers import as_denoiser
 
@@ -365,12 +330,9 @@ class D3Predictor:
             height, width = max(1, round(height * scale)), max(1, round(width * scale))
         return height, width
 
-    def _to_output(self, decoded: torch.Tensor) -> np.ndarray:
-        """Decoded (3,H,W) in [-1,1] -> the task's array (README, "Inference": the table of files per task)."""
-        return self._finish(decoded).cpu().numpy().astype(np.float32, copy=False)
-
     def _finish(self, decoded: torch.Tensor) -> torch.Tensor:
-        """`_to_output` on the decoded tensor's device (so a pipeline can copy it back asynchronously)."""
+        """Decoded (3,H,W) in [-1,1] -> the task's map (README, "Inference": the table of files per task), on the
+        decoded tensor's device (so a pipeline can copy it back asynchronously)."""
         if self.task == "normal":
             return F.normalize(decoded.clamp(-1, 1), dim=0).permute(1, 2, 0)
         unit = (decoded * 0.5).add_(0.5).clamp_(0, 1)  # one full-resolution temporary (in place after the first)

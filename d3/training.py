@@ -25,10 +25,10 @@ from .backbone import DEFAULT_BASE_MODEL, encode_condition, load_backbone
 from .denoisers import Denoiser
 from .data.folders import BadSampleError, collate, open_sources
 from .data.mixing import MIXING_MODES, RankSlice, concat, make_sampler, mixing_probabilities, parse_dataset_spec
+from .devices import cast_module
 from .features import LAYER_SETS, FeatureCapture
 from .heads import HEAD_TYPES, ProjectionHeads
 from .latents import decode_latent, encode_image, vae_scale_factor
-from .predictor import cast_module
 
 logger = logging.getLogger("d3.train")
 
