@@ -11,6 +11,11 @@ made: the image squashed to the checkpoint's square processing resolution (768 f
 authors' inference does; --resize_mode keep_aspect gives infer.py's default geometry instead. --predictions reads
 infer.py's output folder as it is (or .npy/.png files named after the RGB, or Marigold's names). Writes
 ``<output>/per_sample.csv`` and ``<output>/summary.json`` (``<output>/<name>/`` per set for all_*).
+
+  torchrun --nproc_per_node 8 evaluate.py --dataset nyu --data-root DATA --checkpoint CKPT --output OUT
+
+Several processes (torchrun, or accelerate launch --multi_gpu --num_processes N) split the samples: process r of N
+scores samples r, r+N, ...; rank 0 gathers every sample's result and writes the same files and table as one process.
 Every flag is checked before a model or a dataset is opened: a bad one stops the run at once with one line.
 """
 
@@ -100,7 +105,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         validate_args(args)
     except FlagError as err:
         parser.error(str(err))
-    from d3.evaluation import PROTOCOL, EvaluationError, run
+    from d3.sharding import Shard
+
+    try:
+        shard = Shard.from_env()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from d3.evaluation import PROTOCOL, EvaluationError, ShardFailed, run
 
     try:
         run(
@@ -112,8 +124,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             allow_invalid=args.allow_invalid, save_predictions=args.save_predictions,
             batch_size=args.batch_size, progress=not args.no_progress,
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-            official_preprocess=args.official_preprocess, resize_mode=args.resize_mode,
+            official_preprocess=args.official_preprocess, resize_mode=args.resize_mode, shard=shard,
         )
+    except ShardFailed:  # another process failed: rank 0 prints why
+        return 1
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

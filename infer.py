@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
 
     from tqdm.auto import tqdm
 
-    from d3.predictor import load_predictor
+    from d3.loading import load_predictor
     from d3.prefetch import predict_files
 
     try:

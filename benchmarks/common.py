@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the reference step lives in tests/, the package at the root
+if str(ROOT) not in sys.path:  # the package and the recipes at the repository root, without an install
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402

@@ -112,10 +112,10 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
         import train_depth
-        from d3.backbone import vae_scale_factor
-        from d3.predictor import cast_module
+        from d3.latents import vae_scale_factor
+        from d3.devices import cast_module
         from d3.training import adamw, apply_speed_flags
-        from tests.parts import build_parts
+        from d3.reference_step import build_parts
 
         self.args, self.device = args, device
         self.dtype = weight_dtype(args.precision, device)
@@ -150,7 +150,7 @@ class Bench:
             vae.disable_gradient_checkpointing()
 
     def forward_backward(self, step_fn) -> None:
-        from d3.aggregation import stratified_timesteps
+        from d3.timesteps import stratified_timesteps
 
         p, b = self.parts, self.args.batch_size
         t = stratified_timesteps(b, self.args.num_timesteps, generator=self.generator, device=self.device)

@@ -19,28 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .denoisers import Denoiser, as_denoiser
-from .features import FeatureCapture, feature_shapes
+from .features import FeatureCapture
 from .heads import ProjectionHeads
 
 OFFICIAL_STUDENT_TIMESTEP = 261.0
-
-
-def stratified_timesteps(
-    batch_size: int,
-    num_timesteps: int = 3,
-    t_min: int = 1,
-    t_max: int = 999,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """(B, N_T) integer timesteps, one uniform draw per bin of [t_min, t_max): t_k = ⌊t_min + (k+u)(t_max−t_min)/N_T⌋.
-
-    With the defaults these are the official bins ≈ [1,333], [333,666], [666,998].
-    """
-    u = torch.rand(batch_size, num_timesteps, generator=generator, device=generator.device if generator else None)
-    k = torch.arange(num_timesteps, device=u.device, dtype=u.dtype)
-    t = torch.floor(t_min + (k + u) * (t_max - t_min) / num_timesteps).long()
-    return t.to(device) if device is not None else t
 
 
 def tokens(feature: torch.Tensor) -> torch.Tensor:
@@ -146,23 +128,6 @@ class D3Model(nn.Module):
         return AlignmentOutput(prediction, loss, per_layer)
 
 
-def layer_channels(unet: nn.Module | Denoiser, layers: list[str], sample_size: int = 8) -> dict[str, int]:
-    """Channel count of each hooked layer, from one forward pass on meta tensors (no compute, any architecture)."""
-    if isinstance(unet, Denoiser) or type(unet).__name__ != "UNet2DConditionModel":
-        denoiser = as_denoiser(unet)
-        if denoiser.architecture != "unet":
-            return denoiser.feature_channels(layers)
-        unet = denoiser.model
-    config = unet.config
-    cross = config.cross_attention_dim
-    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    meta = torch.device("meta")
-    multiple = 2 ** (len(config.block_out_channels) - 1)
-    size = max(sample_size, multiple)
-    sample = torch.empty(1, config.in_channels, size, size, device=meta)
-    cond = torch.empty(1, 4, cross, device=meta)
-    # Shapes come from a weightless copy on the meta device: no compute, no memory, the real model untouched.
-    with torch.device(meta):
-        clone = type(unet).from_config(config)
-    shapes = feature_shapes(clone, layers, sample, torch.tensor([1.0], device=meta), encoder_hidden_states=cond)
-    return {name: shape[1] for name, shape in shapes.items()}
+def layer_channels(model: nn.Module | Denoiser, layers: list[str]) -> dict[str, int]:
+    """Channel count of each hooked layer of any denoising network (UNet or DiT), without running it on data."""
+    return as_denoiser(model).feature_channels(layers)

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from .denoisers import DENOISERS, FLUX_GUIDANCE, as_denoiser, denoiser_class, detect_architecture
 from .flags import DEFAULT_BASE_MODEL  # noqa: F401
+from .hub import OFFLINE_HINT, offline_reason, quiet_hub_calls
 
 
 class BackboneLoadError(RuntimeError):
@@ -47,8 +49,6 @@ class Backbone:
 
     def denoiser(self):
         """The `d3.denoisers.Denoiser` of the denoising network, with this backbone's scheduler."""
-        from .denoisers import as_denoiser
-
         return as_denoiser(self.model, self.scheduler)
 
     def release_text_encoder(self) -> None:
@@ -61,8 +61,6 @@ class Backbone:
 def _load(component: str, loader, name_or_path: str, **kwargs):
     """`loader(name_or_path, subfolder=component)`; a hub id is read from the local cache only when the Hub cannot be
     asked (`d3.hub.offline_reason`), so an unreachable Hub fails at once instead of after minutes of retries."""
-    from .hub import OFFLINE_HINT, offline_reason, quiet_hub_calls
-
     is_dir = Path(name_or_path).expanduser().is_dir()
     offline = None if is_dir else offline_reason()
     if offline is not None:
@@ -123,8 +121,6 @@ def load_backbone(
 
 def _architecture(name_or_path: str, revision: str | None) -> str:
     """'unet', 'flux' or 'sd3': from transformer/config.json of a local folder, or the hub's model_index.json."""
-    from .denoisers import DENOISERS, detect_architecture
-
     if Path(name_or_path).expanduser().is_dir():
         try:
             return detect_architecture(Path(name_or_path).expanduser())
@@ -134,8 +130,6 @@ def _architecture(name_or_path: str, revision: str | None) -> str:
         import json
 
         from huggingface_hub import hf_hub_download
-
-        from .hub import offline_reason
 
         index = json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision,
                                                 local_files_only=offline_reason() is not None)).read_text())
@@ -149,8 +143,6 @@ def _load_dit(architecture: str, name_or_path: str, with_text_encoder: bool, rev
     """FLUX.1 (CLIP + T5 text encoders) or SD3 (CLIP-L + CLIP-G + T5), their VAE and flow-matching scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
-
-    from .denoisers import denoiser_class
 
     kw = dict(revision=revision)
     model_class = denoiser_class(architecture).model_class()
@@ -193,8 +185,6 @@ def encode_condition(backbone: Backbone, prompt: str) -> dict[str, torch.Tensor]
     SD3: [CLIP-L | CLIP-G penultimate states, zero-padded to T5's width] followed by the T5 sequence, and the two
     CLIP projections concatenated as the pooled input.
     """
-    from .denoisers import FLUX_GUIDANCE
-
     if backbone.text_encoder is None:
         raise ValueError(f"{backbone.source}: the text encoders were not loaded (or already released)")
     if backbone.architecture == "unet":
@@ -223,28 +213,3 @@ def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompt: str) -> torc
     ).input_ids
     device = next(text_encoder.parameters()).device
     return text_encoder(ids.to(device))[0].float().cpu()
-
-
-def vae_scale_factor(vae: AutoencoderKL) -> int:
-    """Pixels per latent cell (8 for SD)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def unet_size_multiple(unet: torch.nn.Module, vae: AutoencoderKL) -> int:
-    """Image sizes must be multiples of this so that every UNet level halves and doubles exactly (64 for SD)."""
-    levels = len(getattr(unet.config, "block_out_channels", (0,))) - 1
-    return vae_scale_factor(vae) * 2**levels
-
-
-def encode_image(vae: AutoencoderKL, rgb: torch.Tensor) -> torch.Tensor:
-    """Image in [-1, 1] -> scaled latent. The posterior *mean*: deterministic, unlike the official code's sample."""
-    latent = vae.encode(rgb.to(vae.dtype)).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latent - shift) * vae.config.scaling_factor
-
-
-def decode_latent(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
-    """Scaled latent -> image, nominally in [-1, 1]. Differentiable: the task loss trains through it."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latent = latent / vae.config.scaling_factor + shift
-    return vae.decode(latent.to(vae.dtype)).sample

@@ -32,7 +32,6 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from . import flags
@@ -56,7 +55,6 @@ IGNORED_PREFIXES = {
 }
 # Containers that DeepSpeed (`module`), Lightning (`state_dict`) and others wrap a state dict in.
 WRAPPER_KEYS = ("module", "state_dict", "model", "model_state_dict")
-FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _LISTED = 20  # key names printed per category in an error
 
 
@@ -71,12 +69,6 @@ class OfficialWeights:
     unet: dict[str, torch.Tensor]
     timestep: float | None
     ignored: dict[str, int] = field(default_factory=dict)
-
-
-def is_official_checkpoint(path: str | Path) -> bool:
-    """A single weights file (ours are folders), so it is read as the authors' release."""
-    path = Path(path)
-    return path.is_file() and path.suffix.lower() in FILE_SUFFIXES
 
 
 def infer_task(path: str | Path, task: str | None = None) -> str:

@@ -41,7 +41,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .features import FeatureCapture, official_key_names, unet_layer_set
+from .features import FeatureCapture, official_key_names, unet_layer_channels, unet_layer_set
+from .latents import unet_size_multiple, vae_scale_factor
+from .timesteps import stratified, stratified_timesteps
 
 Condition = Mapping[str, torch.Tensor]
 
@@ -123,8 +125,6 @@ class Denoiser:
 
     def size_multiple(self, vae) -> int:
         """Image sizes must be multiples of this (VAE downsampling × the model's own)."""
-        from .backbone import vae_scale_factor
-
         return vae_scale_factor(vae)
 
     def save_pretrained(self, path: str | Path, **kwargs) -> None:
@@ -235,8 +235,6 @@ class UNetDenoiser(Denoiser):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
     def size_multiple(self, vae) -> int:
-        from .backbone import unet_size_multiple
-
         return unet_size_multiple(self.model, vae)
 
     def forward(self, latents, timestep, cond):
@@ -249,8 +247,6 @@ class UNetDenoiser(Denoiser):
         return self.scheduler.add_noise(latents, noise, timesteps)
 
     def sample_timesteps(self, batch_size, num_timesteps=3, generator=None, device=None):
-        from .aggregation import stratified_timesteps
-
         return stratified_timesteps(batch_size, num_timesteps, generator=generator, device=device)
 
     def layer_set(self, name=None):
@@ -263,9 +259,7 @@ class UNetDenoiser(Denoiser):
         return dict(zip(layers, official_key_names(layers)))
 
     def feature_channels(self, layers, size=None):
-        from .aggregation import layer_channels
-
-        return layer_channels(self.model, layers)
+        return unet_layer_channels(self.model, layers)
 
 
 # ======================================================================================================= DiTs
@@ -297,11 +291,7 @@ class _DiTDenoiser(Denoiser):
     def sample_timesteps(self, batch_size, num_timesteps=3, generator=None, device=None):
         """σ_k = σ_min + (k + u)(σ_max − σ_min)/N_T, u ~ U[0, 1): the UNet's stratification, on the σ axis."""
         lo, hi = SIGMA_RANGE
-        u = torch.rand(batch_size, num_timesteps, generator=generator,
-                       device=generator.device if generator is not None else None)
-        k = torch.arange(num_timesteps, device=u.device, dtype=u.dtype)
-        t = 1000 * (lo + (k + u) * (hi - lo) / num_timesteps)
-        return t.to(device) if device is not None else t
+        return 1000 * stratified(batch_size, num_timesteps, lo, hi, generator, device)
 
     def feature_capture(self, layers):
         return TokenGridCapture(self.model, layers, self)
@@ -337,8 +327,6 @@ class FluxDenoiser(_DiTDenoiser):
         return self.config.in_channels // 4
 
     def size_multiple(self, vae) -> int:
-        from .backbone import vae_scale_factor
-
         return 2 * vae_scale_factor(vae)
 
     @staticmethod
@@ -435,8 +423,6 @@ class SD3Denoiser(_DiTDenoiser):
     LAYER_SETS = ("blocks", "blocks:N", "all")
 
     def size_multiple(self, vae) -> int:
-        from .backbone import vae_scale_factor
-
         return self.config.patch_size * vae_scale_factor(vae)
 
     def forward(self, latents, timestep, cond):

@@ -4,6 +4,8 @@ Per sample: get the prediction (a file, or the one-step predictor in memory), ch
 values, align / clip (depth), compute the metrics of :mod:`d3.metrics`; then average with equal
 weight per image and write ``per_sample.csv`` and ``summary.json``. ``--checkpoint`` predicts in the paper's
 geometry by default, a squash to the square processing resolution (:func:`load_predictor`); summary.json records it.
+Under torchrun each process scores the samples it owns (:mod:`d3.sharding`), and rank 0 aggregates every sample's
+:class:`SampleRecord` in dataset order, as one process does.
 
 Prediction files (``--predictions DIR``) are looked up, in this order (``REL`` = the RGB path relative to the
 data root without its extension), as
@@ -27,9 +29,10 @@ import csv
 import json
 import math
 import os
+import traceback
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,6 +41,8 @@ from d3 import metrics as M
 from d3.data.benchmarks import (
     BENCHMARKS, GROUPS, Benchmark, BenchmarkSample, DepthBenchmark, decode_png_unit,
 )
+from d3.devices import resolve_device
+from d3.sharding import RankZeroFailed, Shard
 
 PROTOCOL = "protocol"  # sentinel: the dataset's own alignment_max_res / Marigold processing resolution
 
@@ -51,12 +56,6 @@ TASK_METRICS: Dict[str, Sequence[str]] = {
 
 class EvaluationError(RuntimeError):
     """A problem with one sample's prediction; the message names the sample."""
-
-
-def resolve_device(device: Optional[str]) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +183,12 @@ class Scorer:
     def score(self, pred: np.ndarray, sample: BenchmarkSample) -> Dict[str, float]:
         raise NotImplementedError
 
-    def summarize(self, rows: List[Dict[str, float]]) -> Dict[str, float]:
+    def score_and_pool(self, pred: np.ndarray, sample: BenchmarkSample) -> Tuple[Dict[str, float], Any]:
+        """The sample's row and what :meth:`summarize` pools over the set besides the rows (None: nothing)."""
+        return self.score(pred, sample), None
+
+    def summarize(self, rows: List[Dict[str, float]], pooled: Sequence[Any] = ()) -> Dict[str, float]:
+        """The set's numbers from its rows and pooled parts, both in dataset order."""
         return M.mean_over_samples(rows, self.keys)
 
     def protocol(self) -> Dict[str, Any]:
@@ -226,20 +230,20 @@ class NormalScorer(Scorer):
         if pooling not in ("image", "pixel"):
             raise ValueError(f"unknown pooling {pooling!r}; expected 'image' or 'pixel'")
         self.pooling = pooling
-        self._errors: List[np.ndarray] = []
 
-    def score(self, pred, sample):
+    def score_and_pool(self, pred, sample):
         e = M.angular_errors(torch.from_numpy(pred).to(self.device),
                              torch.from_numpy(sample.gt).to(self.device),
                              torch.from_numpy(sample.valid).to(self.device)).cpu().numpy()
-        if self.pooling == "pixel":
-            self._errors.append(e)
-        return M.normal_metrics_from_errors(e, decimals=4)
+        return M.normal_metrics_from_errors(e, decimals=4), (e if self.pooling == "pixel" else None)
 
-    def summarize(self, rows):
+    def score(self, pred, sample):
+        return self.score_and_pool(pred, sample)[0]
+
+    def summarize(self, rows, pooled=()):
         if self.pooling == "image":
             return super().summarize(rows)
-        return M.normal_metrics_from_errors(np.concatenate(self._errors), decimals=None)
+        return M.normal_metrics_from_errors(np.concatenate(list(pooled)), decimals=None)
 
     def protocol(self):
         agg = ("per image (values rounded to 4 decimals), mean over images (Marigold)" if self.pooling == "image"
@@ -295,7 +299,7 @@ def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_
     import dataclasses
 
     from d3.predictor import RESIZE_MODES
-    from d3.predictor import load_predictor as load  # only the --checkpoint path needs the model code
+    from d3.loading import load_predictor as load  # only the --checkpoint path needs the model code
 
     mode = resize_mode or EVAL_RESIZE_MODE
     if mode not in RESIZE_MODES:
@@ -383,9 +387,26 @@ def _save_prediction(save_dir: Path, rgb_rel: str, pred: np.ndarray) -> None:
     np.save(path, pred.astype(np.float32))
 
 
-def _batches(n: int, size: int) -> Iterable[range]:
-    for i in range(0, n, size):
-        yield range(i, min(i + size, n))
+def _batches(indices: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+    for i in range(0, len(indices), size):
+        yield indices[i:i + size]
+
+
+@dataclass
+class SampleRecord:
+    """What scoring one sample leaves for the set's numbers. Picklable: with several processes (torchrun), each
+    scores its share and sends these to rank 0, which aggregates them in dataset order as one process does."""
+    index: int  # position in the benchmark's fixed order
+    name: str
+    row: Optional[Dict[str, Any]] = None  # per_sample.csv's row; None: not scored
+    pooled: Any = None  # what the scorer pools over the set besides the rows (--pooling pixel: angular errors)
+    skipped: Optional[str] = None  # why it could not be scored (--allow_invalid)
+    empty_mask: bool = False  # no valid GT pixel (--allow_invalid)
+    nonfinite: int = 0  # non-finite prediction values scored as 0 (--allow_invalid)
+
+
+class ShardFailed(EvaluationError):
+    """Another process of a sharded run failed; rank 0 reports why."""
 
 
 def evaluate_benchmark(
@@ -405,14 +426,19 @@ def evaluate_benchmark(
     batch_size: int = 1,
     progress: bool = True,
     resize_mode: Optional[str] = None,
-) -> Dict[str, Any]:
+    shard: Optional[Shard] = None,
+) -> Optional[Dict[str, Any]]:
     """Score one benchmark; returns the summary (also written to ``output/summary.json``).
 
     ``resize_mode`` is given to the predictor's ``predict`` (None: the predictor's own, e.g. what
-    :func:`load_predictor` set)."""
+    :func:`load_predictor` set). ``shard``: this process's place in a sharded run (default: the only process). It
+    scores the samples it owns; with a rendezvous (torchrun) rank 0 gathers every process's records, writes the
+    files and returns the summary, the other ranks return None; without one, each process writes its share's
+    files under ``output/rank<r>_of_<n>/``. A sample that fails without ``allow_invalid`` fails every process."""
     if (predictions is None) == (predictor is None):
         raise ValueError("give exactly one of predictions (a folder) or predictor")
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    shard = shard or Shard()
+    device = resolve_device(device)
     pred_dir = Path(predictions) if predictions is not None else None
     if pred_dir is not None and not pred_dir.is_dir():
         raise FileNotFoundError(f"{bench.name}: prediction folder {pred_dir} does not exist")
@@ -424,106 +450,157 @@ def evaluate_benchmark(
         raise EvaluationError(f"{bench.name} is a {bench.task} benchmark but the checkpoint predicts {task!r}")
     scorer = make_scorer(bench, device, alignment, alignment_max_res, pooling)
     gt_of = {e.rgb: e.gt for e in bench.entries} if pred_dir is not None else {}
-    invalid = InvalidCounter(allow_invalid)
-    skipped_empty: List[str] = []
-    rows: List[Dict[str, Any]] = []
+    owned = [i for i in range(len(bench)) if shard.owns(i)]
 
-    from tqdm.auto import tqdm
+    def score_share() -> List[SampleRecord]:
+        """This process's records, in dataset order; the first unusable sample raises, unless allow_invalid."""
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(bench), desc=f"Evaluating {bench.name}", disable=not progress, dynamic_ncols=True)
-    skipped_invalid: Dict[str, str] = {}  # sample -> why it could not be scored (--allow_invalid)
+        invalid = InvalidCounter(allow_invalid)
+        records: List[SampleRecord] = []
+        desc = f"Evaluating {bench.name}" + (f" (rank 0 of {shard.world_size})" if shard.sharded else "")
+        bar = tqdm(total=len(owned), desc=desc, disable=not (progress and shard.is_main), dynamic_ncols=True)
 
-    def skip_or_raise(name: str, err: Exception) -> None:
-        """Without --allow_invalid any unusable sample stops the run, naming it; with it, it is counted and listed."""
-        if not allow_invalid:
-            if isinstance(err, EvaluationError):
-                raise err
-            raise EvaluationError(f"{err} (use --allow_invalid to skip and count such samples)") from err
-        skipped_invalid[name] = str(err)
+        def skip_or_raise(index: int, name: str, err: Exception) -> None:
+            """Without --allow_invalid any unusable sample stops the run, naming it; with it, it is counted."""
+            if not allow_invalid:
+                if isinstance(err, EvaluationError):
+                    raise err
+                raise EvaluationError(f"{err} (use --allow_invalid to skip and count such samples)") from err
+            records.append(SampleRecord(index, name, skipped=str(err)))
 
-    for idx in _batches(len(bench), max(1, batch_size)):
-        samples = []
-        for i in idx:
-            try:
-                samples.append(bench[i])
-            except Exception as e:  # GT or RGB that cannot be decoded (the reader's message names the sample)
-                name = bench.entries[i].rgb
-                skip_or_raise(name, e if name in str(e) else EvaluationError(f"{bench.name} sample {name}: {e}"))
-        if predictor is not None and samples:
-            geometry = {"resize_mode": resize_mode} if resize_mode is not None else {}
-            with torch.no_grad():
-                raw = _as_list(predictor.predict([s.rgb for s in samples], processing_res=processing_res,
-                                                 batch_size=len(samples), **geometry), len(samples))
-        else:
-            raw = []
-            for s in samples:
+        for idx in _batches(owned, max(1, batch_size)):
+            samples = []
+            for i in idx:
                 try:
-                    raw.append(_read_prediction(pred_dir, bench, s.name, gt_of.get(s.name)))
-                except EvaluationError as e:
-                    skip_or_raise(s.name, e)
-                    raw.append(None)
-        for sample, r in zip(samples, raw):
-            if r is None:
-                continue
-            what = f"{bench.name} sample {sample.name}"
-            try:
-                pred = conform_prediction(r, bench.task, sample.gt.shape[:2], what)
-                pred = invalid.check(pred, what)
-            except EvaluationError as e:  # wrong shape or dtype; non-finite values without --allow_invalid
-                skip_or_raise(sample.name, e)
-                continue
-            if save_dir is not None:
-                _save_prediction(save_dir, sample.name, pred)
-            if not sample.valid.any():
-                if not allow_invalid:
-                    raise EvaluationError(f"{what}: no valid GT pixels (use --allow_invalid to skip such samples)")
-                skipped_empty.append(sample.name)
-                continue
-            try:
-                rows.append({"sample": sample.name, **scorer.score(pred, sample)})
-            except ValueError as e:
-                raise EvaluationError(f"{what}: {e}") from e
-        bar.update(len(samples))
-    bar.close()
-    if not rows:
-        raise EvaluationError(f"{bench.name}: no sample could be scored")
+                    samples.append((i, bench[i]))
+                except Exception as e:  # GT or RGB that cannot be decoded (the reader's message names the sample)
+                    name = bench.entries[i].rgb
+                    skip_or_raise(i, name, e if name in str(e) else EvaluationError(f"{bench.name} sample {name}: {e}"))
+            if predictor is not None and samples:
+                geometry = {"resize_mode": resize_mode} if resize_mode is not None else {}
+                with torch.no_grad():
+                    raw = _as_list(predictor.predict([s.rgb for _, s in samples], processing_res=processing_res,
+                                                     batch_size=len(samples), **geometry), len(samples))
+            else:
+                raw = []
+                for i, s in samples:
+                    try:
+                        raw.append(_read_prediction(pred_dir, bench, s.name, gt_of.get(s.name)))
+                    except EvaluationError as e:
+                        skip_or_raise(i, s.name, e)
+                        raw.append(None)
+            for (i, sample), r in zip(samples, raw):
+                if r is None:
+                    continue
+                what = f"{bench.name} sample {sample.name}"
+                before = invalid.nonfinite_values
+                try:
+                    pred = conform_prediction(r, bench.task, sample.gt.shape[:2], what)
+                    pred = invalid.check(pred, what)
+                except EvaluationError as e:  # wrong shape or dtype; non-finite values without --allow_invalid
+                    skip_or_raise(i, sample.name, e)
+                    continue
+                record = SampleRecord(i, sample.name, nonfinite=invalid.nonfinite_values - before)
+                records.append(record)
+                if save_dir is not None:
+                    _save_prediction(save_dir, sample.name, pred)
+                if not sample.valid.any():
+                    if not allow_invalid:
+                        raise EvaluationError(f"{what}: no valid GT pixels (use --allow_invalid to skip such samples)")
+                    record.empty_mask = True
+                    continue
+                try:
+                    row, record.pooled = scorer.score_and_pool(pred, sample)
+                except ValueError as e:
+                    raise EvaluationError(f"{what}: {e}") from e
+                record.row = {"sample": sample.name, **row}
+            bar.update(len(samples))
+        bar.close()
+        return records
 
-    summary: Dict[str, Any] = {"dataset": bench.name, "task": bench.task, "num_samples": len(rows)}
-    summary.update(scorer.summarize(rows))
-    proto = {**bench.protocol(), **scorer.protocol()}
-    if predictor is not None:
-        proto["processing_res"] = processing_res if processing_res is not None else predictor_default_res(predictor)
-        proto["resize_mode"] = resize_mode or predictor_resize_mode(predictor)
-        proto["geometry"] = describe_geometry(proto["resize_mode"], proto["processing_res"])
-    else:
-        proto["processing_res"] = None  # predictions read from files, at GT resolution
-        proto["resize_mode"] = None
-        proto["geometry"] = "predictions read from files at GT resolution (made elsewhere, geometry unknown)"
-    summary["protocol"] = proto
-    summary["checkpoint"] = str(checkpoint) if predictor is not None else None
-    summary["predictions"] = str(pred_dir) if pred_dir is not None else None
-    summary["data_root"] = str(bench.root)
-    summary["split"] = str(bench.split) if bench.split is not None else None
-    summary["skipped_without_gt"] = bench.skipped_without_gt
-    summary["skipped_invalid"] = {"count": len(skipped_invalid), "samples": skipped_invalid}
-    summary["invalid"] = {"allow_invalid": allow_invalid,
-                          "samples_with_nonfinite": invalid.samples_with_nonfinite,
-                          "nonfinite_values": invalid.nonfinite_values,
-                          "skipped_empty_mask": len(skipped_empty)}
-    if save_dir is not None:
-        summary["saved_predictions"] = str(save_dir)
+    def finish(records: List[SampleRecord], out_dir: Optional[Path]) -> Dict[str, Any]:
+        """The set's summary from every record, in dataset order (as one process makes them), and its files."""
+        records = sorted(records, key=lambda r: r.index)
+        scored = [r for r in records if r.row is not None]
+        if not scored:
+            raise EvaluationError(f"{bench.name}: no sample could be scored")
+        rows = [r.row for r in scored]
+        summary: Dict[str, Any] = {"dataset": bench.name, "task": bench.task, "num_samples": len(rows)}
+        summary.update(scorer.summarize(rows, [r.pooled for r in scored]))
+        proto = {**bench.protocol(), **scorer.protocol()}
+        if predictor is not None:
+            proto["processing_res"] = processing_res if processing_res is not None else predictor_default_res(predictor)
+            proto["resize_mode"] = resize_mode or predictor_resize_mode(predictor)
+            proto["geometry"] = describe_geometry(proto["resize_mode"], proto["processing_res"])
+        else:
+            proto["processing_res"] = None  # predictions read from files, at GT resolution
+            proto["resize_mode"] = None
+            proto["geometry"] = "predictions read from files at GT resolution (made elsewhere, geometry unknown)"
+        summary["protocol"] = proto
+        summary["checkpoint"] = str(checkpoint) if predictor is not None else None
+        summary["predictions"] = str(pred_dir) if pred_dir is not None else None
+        summary["data_root"] = str(bench.root)
+        summary["split"] = str(bench.split) if bench.split is not None else None
+        summary["skipped_without_gt"] = bench.skipped_without_gt
+        skipped_invalid = {r.name: r.skipped for r in records if r.skipped is not None}
+        summary["skipped_invalid"] = {"count": len(skipped_invalid), "samples": skipped_invalid}
+        summary["invalid"] = {"allow_invalid": allow_invalid,
+                              "samples_with_nonfinite": sum(1 for r in records if r.nonfinite),
+                              "nonfinite_values": sum(r.nonfinite for r in records),
+                              "skipped_empty_mask": sum(1 for r in records if r.empty_mask)}
+        if save_dir is not None:
+            summary["saved_predictions"] = str(save_dir)
+        if shard.sharded and not shard.can_gather():  # RANK / WORLD_SIZE without a rendezvous: this share only
+            summary["share"] = {"rank": shard.rank, "of": shard.world_size,
+                                "note": f"samples i with i % {shard.world_size} == {shard.rank} only"}
 
-    if output is not None:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        cols = ["sample"] + [k for k in scorer.keys if k in rows[0]] + list(scorer.extra_columns)
-        with open(out / "per_sample.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        with open(out / "summary.json", "w") as f:
-            json.dump(_jsonable(summary), f, indent=2)
-    return summary
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            cols = ["sample"] + [k for k in scorer.keys if k in rows[0]] + list(scorer.extra_columns)
+            with open(out_dir / "per_sample.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+            with open(out_dir / "summary.json", "w") as f:
+                json.dump(_jsonable(summary), f, indent=2)
+        return summary
+
+    out_dir = Path(output) if output is not None else None
+    if not (shard.sharded and shard.can_gather()):
+        if shard.sharded and out_dir is not None:  # no rendezvous: each process its own share's files
+            out_dir = share_output(out_dir, shard)
+        return finish(score_share(), out_dir)
+
+    # torchrun / accelerate launch: every process reaches the gather, with its records or with why it stopped.
+    failure: Optional[str] = None
+    try:
+        records = score_share()
+    except Exception as e:  # noqa: BLE001 - sent to rank 0, which reports it; then every process fails
+        if not isinstance(e, (EvaluationError, ValueError, OSError)):
+            traceback.print_exc()
+        records, failure = [], f"rank {shard.rank} of {shard.world_size}: {e}"
+    result: Dict[str, Any] = {}
+
+    def on_rank0(shares: List[Tuple[Optional[str], List[SampleRecord]]]) -> Optional[str]:
+        failures = [f for f, _ in shares if f is not None]
+        if failures:
+            return "; ".join(failures)
+        result.update(finish([r for _, share in shares for r in share], out_dir))
+        return None
+
+    try:
+        failed = shard.collect((failure, records), on_rank0)
+    except RankZeroFailed as e:
+        raise ShardFailed(str(e)) from e
+    if failed is not None:
+        raise EvaluationError(failed) if shard.is_main else ShardFailed(failed)
+    return result if shard.is_main else None
+
+
+def share_output(output: Path, shard: Shard) -> Path:
+    """Where a process of a run without a rendezvous (RANK / WORLD_SIZE only) writes its share's results."""
+    return output / f"rank{shard.rank}_of_{shard.world_size}"
 
 
 def _jsonable(x):
@@ -640,28 +717,70 @@ def run(
     split: Optional[os.PathLike] = None,
     reader_kwargs: Optional[Dict[str, Any]] = None,
     print_fn=print,
+    shard: Optional[Shard] = None,
     **kwargs,
 ) -> Dict[str, Dict[str, Any]]:
     """Evaluate one dataset or a group (``all_depth`` / ``all_normal``); print the table; return
     {dataset name: summary}. ``predictor`` may be passed instead of loading ``checkpoint``.
     ``reader_kwargs`` go to the reader (for a group: ``{dataset name: kwargs}``); the other keyword
-    arguments to :func:`evaluate_benchmark`."""
+    arguments to :func:`evaluate_benchmark`. ``shard``: this process's place among several (evaluate.py reads it
+    from torchrun's environment; default: the only process); with a rendezvous only rank 0 prints and returns the
+    summaries, the others return {}."""
     if (checkpoint is None and predictor is None) == (predictions is None):
         raise ValueError("give exactly one of --checkpoint or --predictions")
+    shard = shard or Shard()
     data_root = Path(data_root)
     if not data_root.exists():
         raise FileNotFoundError(f"data root {data_root} does not exist")
     output = Path(output) if output is not None else Path("eval_results") / dataset
-    device = resolve_device(kwargs.pop("device", "auto"))
+    device = kwargs.pop("device", "auto")
+    # several processes on a GPU machine: one GPU each (LOCAL_RANK), as infer.py
+    device = resolve_device(shard.device() if device in (None, "auto") and shard.device() else device)
     base_model = kwargs.pop("pretrained_model_name_or_path", None)  # for an official .pth checkpoint
     official_preprocess = kwargs.pop("official_preprocess", False)
     resize_mode = kwargs.pop("resize_mode", None)  # None: squash for a checkpoint, a given predictor's own
-    if predictor is None and checkpoint is not None:
-        predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
-    elif resize_mode is not None:
-        kwargs["resize_mode"] = resize_mode
+    gathered = shard.sharded and shard.can_gather()
+    with shard.connected():  # one rendezvous for the model load and every dataset of a group
+        if predictor is None and checkpoint is not None:
+            if not gathered:
+                predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
+            else:  # a process that cannot load the model stops every process, not only itself
+                failure = None
+                try:
+                    predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
+                except Exception as e:  # noqa: BLE001 - reported by rank 0, then raised by every process
+                    if not isinstance(e, (EvaluationError, ValueError, OSError)):
+                        traceback.print_exc()
+                    failure = f"rank {shard.rank} of {shard.world_size}: cannot load {checkpoint}: {e}"
+                _agree(shard, failure)
+        elif resize_mode is not None:
+            kwargs["resize_mode"] = resize_mode
+        return _run_loaded(dataset, data_root, shard, gathered, checkpoint=checkpoint, predictions=predictions,
+                           predictor=predictor, output=output, split=split, reader_kwargs=reader_kwargs,
+                           print_fn=print_fn, device=device, **kwargs)
+
+
+def _agree(shard: Shard, failure: Optional[str]) -> None:
+    """Every process of a run with a rendezvous raises if any one had a `failure` (rank 0 with every reason)."""
+    try:
+        failed = shard.collect(failure, lambda everyone: "; ".join(f for f in everyone if f is not None) or None)
+    except RankZeroFailed as e:
+        raise ShardFailed(str(e)) from e
+    if failed is not None:
+        raise EvaluationError(failed) if shard.is_main else ShardFailed(failed)
+
+
+def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint, predictions, predictor, output,
+                split, reader_kwargs, print_fn, device, **kwargs) -> Dict[str, Dict[str, Any]]:
     label = str(checkpoint) if checkpoint is not None else str(predictions)
     save = kwargs.pop("save_predictions", None)
+    if gathered and not shard.is_main:
+        print_fn = _silent  # rank 0 prints the run's tables
+    elif shard.sharded and not gathered:  # RANK / WORLD_SIZE without a rendezvous: each process its own share
+        where = f"rank {shard.rank} of {shard.world_size}"
+        print_fn(f"{where}: no rendezvous (MASTER_ADDR/MASTER_PORT) to combine the processes' results; "
+                 f"numbers below are this process's share (samples i with i % {shard.world_size} == {shard.rank})")
+        label = f"{label} [{where}]"
 
     if dataset in GROUPS:
         if split is not None:
@@ -671,27 +790,41 @@ def run(
             cls = BENCHMARKS[name]
             loc = cls.present_in(data_root)
             if loc is None:
-                print_fn(f"{name}: not found under {data_root} (looked for {', '.join(cls.default_paths)}), skipped")
+                print_fn(f"{name}: not found under {data_root} (looked for {', '.join(cls.default_paths)}), "
+                         "skipped")
                 continue
             bench = cls(loc, None, **(reader_kwargs or {}).get(name, {}))
-            summaries[name] = evaluate_benchmark(
+            summary = evaluate_benchmark(
                 bench, predictions=Path(predictions) / name if predictions is not None else None,
                 predictor=predictor, checkpoint=checkpoint, output=output / name, device=device,
-                save_predictions=Path(save) / name if save is not None else None, **kwargs)
+                save_predictions=Path(save) / name if save is not None else None, shard=shard, **kwargs)
+            if summary is not None:
+                summaries[name] = summary
+        if gathered and not shard.is_main:
+            return {}
         if not summaries:
             raise FileNotFoundError(f"{dataset}: none of {', '.join(GROUPS[dataset])} found under {data_root}")
         print_fn(format_group_table(dataset, summaries, label))
         for s in summaries.values():
             report_skipped(s, print_fn)
-        print_fn(f"per-dataset per_sample.csv and summary.json in {output}/<name>/")
+        sub = share_output(Path("<name>"), shard) if shard.sharded and not gathered else Path("<name>")
+        print_fn(f"per-dataset per_sample.csv and summary.json in {output / sub}/")
         return summaries
 
     if dataset not in BENCHMARKS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(BENCHMARKS) + sorted(GROUPS)}")
     bench = BENCHMARKS[dataset](data_root, split, **(reader_kwargs or {}))
     summary = evaluate_benchmark(bench, predictions=predictions, predictor=predictor, checkpoint=checkpoint,
-                                 output=output, device=device, save_predictions=save, **kwargs)
+                                 output=output, device=device, save_predictions=save, shard=shard, **kwargs)
+    if summary is None:  # another rank than 0 of a sharded run
+        return {}
     print_fn(format_table([summary]))
     report_skipped(summary, print_fn)
+    if shard.sharded and not gathered:
+        output = share_output(output, shard)
     print_fn(f"per-sample metrics: {output / 'per_sample.csv'}; summary: {output / 'summary.json'}")
     return {dataset: summary}
+
+
+def _silent(*args, **kwargs) -> None:
+    pass

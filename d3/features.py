@@ -113,3 +113,20 @@ def feature_shapes(model: nn.Module, layers: list[str], *inputs, **kwargs) -> di
         return {n: tuple(t.shape) for n, t in capture.pop().items()}
     finally:
         capture.remove()
+
+
+def unet_layer_channels(unet: nn.Module, layers: list[str], sample_size: int = 8) -> dict[str, int]:
+    """Channel count of each hooked layer of a diffusers UNet2DConditionModel, from one forward pass of a weightless
+    copy on the meta device: no compute, no memory, the real model untouched."""
+    unet = getattr(unet, "_orig_mod", unet)  # a torch.compile wrapper: its module's class builds the clone
+    config = unet.config
+    cross = config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    meta = torch.device("meta")
+    size = max(sample_size, 2 ** (len(config.block_out_channels) - 1))
+    sample = torch.empty(1, config.in_channels, size, size, device=meta)
+    cond = torch.empty(1, 4, cross, device=meta)
+    with torch.device(meta):
+        clone = type(unet).from_config(config)
+    shapes = feature_shapes(clone, layers, sample, torch.tensor([1.0], device=meta), encoder_hidden_states=cond)
+    return {name: shape[1] for name, shape in shapes.items()}

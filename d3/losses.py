@@ -41,11 +41,12 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------- depth
-def fit_scale_shift(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
+def differentiable_scale_shift(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
     """Closed-form least squares (s, b) minimising Σ_mask (s·x + b − y)², in at least fp32.
 
     Returns (s, b, ok); `ok` is False where the system is degenerate (det ≤ 1e-6), as the authors reject such fits.
-    Gradients flow through s and b.
+    Gradients flow through s and b. (The evaluation's alignment is `d3.metrics.lstsq_scale_shift`: float64, no
+    gradient, lstsq's answer for a constant prediction.)
     """
     work = _work_dtype(x)
     m = mask.to(work)
@@ -92,7 +93,7 @@ def depth_losses(pred: torch.Tensor, target: torch.Tensor, depth: Sequence[torch
         # post-processed (clamped to [0, 1]) at the training size, THEN resized, as the authors do
         p_unit = resize_to(unit_map(pred[i:i + 1].to(work)), size)[0]
         if v.any():
-            s, b, ok = fit_scale_shift(p_unit, d, v)
+            s, b, ok = differentiable_scale_shift(p_unit, d, v)
             aligned = s * p_unit + b
             ssi.append((aligned - d.to(work)).abs()[v].mean() if ok else _zero(p_unit))
         else:

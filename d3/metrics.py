@@ -67,7 +67,7 @@ def marigold_max_res_columns(height: int, width: int, max_res: Optional[int]) ->
     return F.interpolate(ramp, scale_factor=f, mode="nearest").view(-1).long()
 
 
-def fit_scale_shift(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
+def lstsq_scale_shift(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
     """argmin_{s,b} sum_M (s*pred + b - gt)^2 in float64, like ``numpy.linalg.lstsq``.
 
     Closed form on centred sums; a constant prediction gets lstsq's minimum-norm solution.
@@ -99,9 +99,9 @@ def align_least_squares(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike,
     cols = marigold_max_res_columns(pred.shape[-2], pred.shape[-1], max_res)
     if cols is not None:
         cols = cols.to(pred.device)
-        s, b = fit_scale_shift(pred[..., cols], gt[..., cols], mask[..., cols])
+        s, b = lstsq_scale_shift(pred[..., cols], gt[..., cols], mask[..., cols])
     else:
-        s, b = fit_scale_shift(pred, gt, mask)
+        s, b = lstsq_scale_shift(pred, gt, mask)
     s_t = torch.tensor(s, dtype=pred.dtype, device=pred.device)
     b_t = torch.tensor(b, dtype=pred.dtype, device=pred.device)
     return pred * s_t + b_t, float(s_t), float(b_t)

@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput
 from safetensors.torch import load_file, save_file
 
 from .io import load_rgb, to_uint8_rgb
+from .loading import load_predictor
 from .outputs import colorize_depth, normal_to_rgb, to_uint16
 from .predictor import (
     PROMPTS,
@@ -37,7 +38,6 @@ from .predictor import (
     CheckpointError,
     D3Config,
     D3Predictor,
-    load_predictor,
     resolve_checkpoint,
 )
 

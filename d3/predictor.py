@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .backbone import decode_latent, encode_image
+from .devices import DTYPES, cast_module, default_dtype, resolve_device
 from .flags import PROMPTS, RESIZE_MODES, TASKS, CheckpointError  # noqa: F401  (defined where the flags need them)
+from .latents import decode_latent, encode_image
 
 FORMAT_VERSION = 1
 
@@ -141,42 +142,6 @@ def read_condition(file: Path, architecture: str = "unet") -> torch.Tensor | dic
     return tensors
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision where the hardware does it well; fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
-
-
-def cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a model, casting only when the dtype really changes.
-
-    diffusers' `ModelMixin.to(dtype)` warns about "modules that should be kept in float32" on every cast, even when
-    the model lists none (diffusers 0.42 tests the list against None, never empty): such a model is cast by torch's
-    own `Module.to`, which is what diffusers then does anyway, so users do not see a false warning on every run.
-    """
-    module = module.to(device)
-    if next(module.parameters()).dtype == dtype:
-        return module
-    if getattr(module, "_keep_in_fp32_modules", None):
-        return module.to(dtype)  # diffusers keeps those modules in fp32
-    return torch.nn.Module.to(module, dtype)
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
 def _listed(names: Sequence[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
@@ -256,7 +221,7 @@ class D3Predictor:
 
     def __init__(self, unet, vae, prompt_embeds: torch.Tensor, config: D3Config, device=None, dtype=None):
         self.config = config
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(self.device))
         from .denoisers import as_denoiser
 
@@ -353,12 +318,9 @@ class D3Predictor:
             height, width = max(1, round(height * scale)), max(1, round(width * scale))
         return height, width
 
-    def _to_output(self, decoded: torch.Tensor) -> np.ndarray:
-        """Decoded (3,H,W) in [-1,1] -> the task's array (README, "Inference": the table of files per task)."""
-        return self._finish(decoded).cpu().numpy().astype(np.float32, copy=False)
-
     def _finish(self, decoded: torch.Tensor) -> torch.Tensor:
-        """`_to_output` on the decoded tensor's device (so a pipeline can copy it back asynchronously)."""
+        """Decoded (3,H,W) in [-1,1] -> the task's map (README, "Inference": the table of files per task), on the
+        decoded tensor's device (so a pipeline can copy it back asynchronously)."""
         if self.task == "normal":
             return F.normalize(decoded.clamp(-1, 1), dim=0).permute(1, 2, 0)
         unit = (decoded * 0.5).add_(0.5).clamp_(0, 1)  # one full-resolution temporary (in place after the first)
@@ -465,39 +427,3 @@ def resolve_checkpoint(name: str | Path, revision: str | None = None) -> Path:
             raise CheckpointError(f"{text}: not a local folder or file, and not downloadable from the Hugging Face "
                                   f"Hub ({type(err).__name__}); pass a local checkpoint folder") from None
     raise CheckpointError(f"{path}: no such checkpoint folder or file")
-
-
-def load_predictor(
-    checkpoint: str | Path,
-    *,
-    device=None,
-    dtype=None,
-    task: str | None = None,
-    pretrained_model_name_or_path: str | Path | None = None,
-    official_preprocess: bool = False,
-) -> D3Predictor:
-    """Whatever checkpoint a user holds: our folder (local or a hub id), or the authors' `.pth` release.
-
-    The release is converted on load (`d3.convert`); it needs the SD 2.1 base (`pretrained_model_name_or_path`) for
-    the VAE and the prompt embedding. `official_preprocess` switches the defaults to the authors' inference: a
-    768x768 squash with plain bilinear resizing both ways. Their prompt and channel mean are what every d3 model
-    uses anyway; one difference remains: they *sample* the VAE posterior, d3 takes its mean (deterministic).
-    """
-    import dataclasses
-    import warnings
-
-    path = resolve_checkpoint(checkpoint)
-    if path.is_file():
-        from .convert import load_official_predictor
-
-        predictor = load_official_predictor(path, pretrained_model_name_or_path, task=task, device=device,
-                                            dtype=dtype)
-    else:
-        predictor = D3Predictor.from_pretrained(path, device=device, dtype=dtype, task=task)
-    if official_preprocess:
-        predictor.config = dataclasses.replace(predictor.config, resize_mode="squash",
-                                               processing_res=OFFICIAL_PROCESSING_RES)
-        if predictor.config.prompt and predictor.config.prompt != PROMPTS[predictor.task]:
-            warnings.warn(f"{path}: trained with its own prompt {predictor.config.prompt!r}; its embedding is kept "
-                          "(the official prompt cannot be re-embedded without the text encoder)", stacklevel=2)
-    return predictor

@@ -86,18 +86,6 @@ def is_plain(path: Path, image: Image.Image) -> bool:
             and image.getexif().get(EXIF_ORIENTATION, 1) in (0, 1))
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def hub_reachable(timeout: float = 5.0) -> bool:
     """One quick TCP connect to the hub instead of minutes of download retries when offline."""
     import socket
@@ -244,6 +232,8 @@ def run(args: argparse.Namespace) -> Counts:
     input_dir = Path(args.input)
     if not input_dir.is_dir():  # a folder, so that REL (the path under it) names every sample
         raise SystemExit(f"{input_dir}: not a folder of images")
+    from .devices import resolve_device  # torch loads after the arguments are parsed (a fast --help)
+
     device = resolve_device(args.device)
     dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]

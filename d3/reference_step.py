@@ -9,12 +9,18 @@ the same losses and gradients while running the student and the decoder once per
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .aggregation import D3Model
-from .backbone import decode_latent, encode_image
+from .aggregation import D3Model, layer_channels
+from .backbone import encode_prompt, load_backbone
 from .denoisers import as_denoiser
+from .features import FeatureCapture, unet_layer_set
+from .heads import ProjectionHeads
+from .latents import decode_latent, encode_image
 from .training import StepOutput
 
 
@@ -74,3 +80,34 @@ def per_copy_step(
     task = sum(weights[k] * v for k, v in terms.items())
     loss = lambda_align * align + lambda_task * task
     return StepOutput(loss, align, terms, per_layer, decoded[::n])
+
+
+@dataclass
+class StepParts:
+    model: D3Model
+    teacher: torch.nn.Module
+    teacher_capture: FeatureCapture
+    vae: torch.nn.Module
+    scheduler: object
+    prompt_embeds: torch.Tensor
+
+
+def build_parts(backbone_dir, prompt: str = "a depth map", head_type: str = "cleandift", layer_set: str = "up",
+                perturb_heads: bool = True, seed: int = 0) -> StepParts:
+    """The pieces of a training step from a backbone folder, for the equivalence tests and the step benchmark:
+    student, frozen teacher, heads and VAE in fp32. `perturb_heads` leaves the identity init so that the heads'
+    own parameters and time conditioning take part in the computation being compared."""
+    backbone = load_backbone(backbone_dir)
+    embeds = encode_prompt(backbone.tokenizer, backbone.text_encoder, prompt)
+    teacher = backbone.unet.requires_grad_(False).eval()
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    layers = unet_layer_set(student, layer_set)
+    heads = ProjectionHeads(layer_channels(student, layers), head_type)
+    if perturb_heads:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model = D3Model(student, heads, layers)
+    return StepParts(model, teacher, FeatureCapture(teacher, layers), backbone.vae.requires_grad_(False).eval(),
+                     backbone.scheduler, embeds)

@@ -6,14 +6,21 @@ file of the sorted list, starting at its rank: the split needs no communication.
 the launcher also set MASTER_ADDR/MASTER_PORT (torchrun does), the counts of all processes are gathered over a gloo
 process group opened at the end, so one line gives the totals. Without them (processes started by hand with RANK
 and WORLD_SIZE only, say as a batch-array job) each process prints its own share's line.
+
+evaluate.py splits a benchmark's samples the same way (sample i to rank i % N) and sends each process's per-sample
+records to rank 0 with `Shard.collect`, which scores the whole set from them and tells every process the outcome.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # How long the first process to finish waits for the slowest one at the final gather. Shares differ by at most one
 # file, but not in image sizes; a process that dies instead makes the launcher stop the others.
@@ -87,3 +94,48 @@ class Shard:
         finally:
             if opened:
                 dist.destroy_process_group()
+
+    @contextmanager
+    def connected(self) -> Iterator[None]:
+        """Keep a gloo process group open for the block, so that several `collect` calls (evaluate.py's all_depth:
+        one per dataset) share one rendezvous. Does nothing when one is open already or there is none to make."""
+        import torch.distributed as dist
+
+        opened = self.can_gather() and not dist.is_initialized()
+        if opened:
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=GATHER_TIMEOUT)
+        try:
+            yield
+        finally:
+            if opened:
+                dist.destroy_process_group()
+
+    def collect(self, record: Any, finish: Callable[[list[Any]], T]) -> T:
+        """A collective (all processes call it; needs `can_gather()`): every process's picklable `record` goes to
+        rank 0, which calls `finish` on them, in rank order; what `finish` returns (picklable: keep it small) comes
+        back on every process. Only rank 0 holds all records. If `finish` raises, rank 0 re-raises it after telling
+        the others, which raise `RankZeroFailed` with its message: no process waits for an answer that never comes."""
+        import torch.distributed as dist
+
+        with self.connected():
+            group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)
+            everyone: list[Any] | None = [None] * self.world_size if self.is_main else None
+            dist.gather_object(record, everyone, dst=0, group=group)
+            error: BaseException | None = None
+            outcome: list[Any] = [None]
+            if self.is_main:
+                try:
+                    outcome = [("ok", finish(everyone))]
+                except Exception as e:  # noqa: BLE001 - told to the others, then raised here
+                    error, outcome = e, [("error", str(e))]
+            dist.broadcast_object_list(outcome, src=0, group=group)
+        if error is not None:
+            raise error
+        status, value = outcome[0]
+        if status == "error":
+            raise RankZeroFailed(value)
+        return value
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other processes when rank 0's part of `Shard.collect` failed (rank 0 reports the reason)."""

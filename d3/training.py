@@ -23,19 +23,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from .aggregation import D3Model, expert_features
-from .backbone import (
-    decode_latent,
-    encode_condition,
-    encode_image,
-    load_backbone,
-    vae_scale_factor,
-)
+from .backbone import encode_condition, load_backbone
 from .denoisers import Denoiser
 from .data.folders import BadSampleError, collate, open_sources
 from .data.mixing import RankSlice, concat, make_sampler, mixing_probabilities, parse_dataset_spec
+from .devices import cast_module
 from .features import FeatureCapture
 from .heads import ProjectionHeads
-from .predictor import cast_module
+from .latents import decode_latent, encode_image, vae_scale_factor
 from .training_args import TaskRecipe, build_parser, main, validate_args  # noqa: F401  (the flags: a light module)
 
 logger = logging.getLogger("d3.train")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from d3.backbone import BackboneLoadError, decode_latent, encode_image, encode_prompt, load_backbone
+from d3.backbone import BackboneLoadError, encode_prompt, load_backbone
+from d3.latents import decode_latent, encode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,8 @@ def _closed_port() -> int:
 def test_unreachable_hub_fails_fast_in_one_line_and_the_cache_still_serves(tmp_path, tiny_backbone_dir):
     """Without HF_HUB_OFFLINE and with a Hub that does not answer, huggingface_hub alone would retry each file for
     about 25 s. The loader asks the Hub once, then reads the local cache only: a cached id loads, an uncached one
-    fails with one line (no retries, warnings or traceback). The time bound is generous: a behaviour check."""
+    fails with one line (no retries, warnings or traceback). The time bound (5 s for what takes 0.6 s, against
+    retries of 25 s per file) is a behaviour check, not a speed test."""
     snapshot = tmp_path / "hf" / "hub" / "models--d3-test--tiny" / "snapshots" / ("0" * 40)
     shutil.copytree(tiny_backbone_dir, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
@@ -88,4 +90,7 @@ def test_unreachable_hub_fails_fast_in_one_line_and_the_cache_still_serves(tmp_p
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: 'stabilityai/stable-diffusion-2-1'")
     assert "--pretrained_model_name_or_path" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0]
-    assert wall <= 15, f"{wall:.1f} s ({proc.stdout.splitlines()[-1]})"
+    # Timed from the first load, after the imports (whose time depends on the machine's load, not on the loader):
+    # retries would take about 25 s per file; measured 0.6 s idle.
+    load_time = float(proc.stdout.splitlines()[-1].split()[2])
+    assert load_time <= 5, f"{load_time:.1f} s to fail ({wall:.1f} s with the interpreter's start and imports)"

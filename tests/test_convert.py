@@ -17,7 +17,8 @@ from d3.convert import (
     read_official_state_dict,
     split_official_state_dict,
 )
-from d3.predictor import PROMPTS, CheckpointError, D3Predictor, load_predictor
+from d3.loading import load_predictor
+from d3.predictor import PROMPTS, CheckpointError, D3Predictor
 
 TIMESTEP = 260.0  # what the release stores: 261 is not representable in bf16
 

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import train_depth
-from d3.aggregation import stratified_timesteps
+from d3.timesteps import stratified_timesteps
 from d3.data.synthetic import render_scene
 from d3.training import d3_step
-from d3.reference_step import per_copy_step
-from tests.parts import build_parts
+from d3.reference_step import build_parts, per_copy_step
 
 REL_TOL = 1e-5
 

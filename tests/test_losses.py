@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from d3.losses import depth_losses, fit_scale_shift, matting_losses, multiscale_gradient_loss, normal_losses
+from d3.losses import depth_losses, differentiable_scale_shift, matting_losses, multiscale_gradient_loss, normal_losses
 
 
 def img(values: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def test_empty_mask_contributes_zero_not_nan():
 def test_scale_shift_fit_is_exact_for_affine_data():
     x = torch.rand(1, 5, 5)
     y = 3.5 * x + 0.25
-    s, b, ok = fit_scale_shift(x, y, torch.ones_like(x, dtype=torch.bool))
+    s, b, ok = differentiable_scale_shift(x, y, torch.ones_like(x, dtype=torch.bool))
     assert ok
     assert math.isclose(float(s), 3.5, rel_tol=1e-4) and math.isclose(float(b), 0.25, abs_tol=1e-4)
 

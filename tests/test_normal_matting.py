@@ -18,14 +18,13 @@ from PIL import Image
 import infer
 import train_matting
 import train_normal
-from d3.aggregation import stratified_timesteps
+from d3.timesteps import stratified_timesteps
 from d3.data.folders import BadSampleError, TrainingFolder, collate, open_sources
 from d3.data.synthetic import Camera, Plane, Rect, SceneDescription, render, render_scene, rotation_matrix
 from d3.losses import multiscale_gradient_loss, normal_losses
 from d3.outputs import normal_to_rgb
 from d3.training import build_parser, build_training_data, d3_step, random_hflip
-from d3.reference_step import per_copy_step
-from tests.parts import build_parts
+from d3.reference_step import build_parts, per_copy_step
 from tests.test_equivalence import cast_batch
 
 REL_TOL = 1e-5

@@ -22,11 +22,10 @@ import pytest
 import torch
 
 import train_depth
-from d3.aggregation import stratified_timesteps
+from d3.timesteps import stratified_timesteps
 from d3.prefetch import BackgroundWriter, ordered_prefetch, predict_files
 from d3.training import adamw, apply_speed_flags, build_parser, d3_step
-from d3.reference_step import per_copy_step
-from tests.parts import build_parts
+from d3.reference_step import build_parts, per_copy_step
 from tests.test_equivalence import cast_batch, depth_batch, rel_err
 
 REL_TOL = 1e-5
