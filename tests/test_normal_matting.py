@@ -376,8 +376,7 @@ def test_efficient_step_equals_official_step(tiny_backbone_dir, script, make_bat
         out = step(parts.model, parts.teacher, parts.teacher_capture, parts.vae, parts.scheduler, batch,
                    parts.prompt_embeds, script.RECIPE.task_loss, script.LOSS_WEIGHTS, timesteps, noise)
         out.loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in parts.model.named_parameters() if p.grad is not None}
-        results.append((out, grads))
+        results.append((out, grads(parts.model)))
     (fast, fast_grads), (ref, ref_grads) = results
     assert set(ref.task_terms) == set(script.LOSS_WEIGHTS)
     for term in ref.task_terms:
