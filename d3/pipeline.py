@@ -38,6 +38,7 @@ from .predictor import (
     CheckpointError,
     D3Config,
     D3Predictor,
+    prompt_embeds_mismatch,
     resolve_checkpoint,
 )
 
@@ -218,10 +219,9 @@ class D3Pipeline(DiffusionPipeline):
         """The components as a D3Predictor on their current device and dtype (cheap: nothing is copied)."""
         if self.prompt_embeds is None:
             raise ValueError("this D3Pipeline has no prompt_embeds; load it with D3Pipeline.from_pretrained")
-        cross = self.unet.config.cross_attention_dim
-        if self.prompt_embeds.dim() != 3 or self.prompt_embeds.shape[-1] != cross:
-            raise ValueError(f"prompt_embeds of shape {tuple(self.prompt_embeds.shape)} do not fit the UNet "
-                             f"(expected (1, L, {cross}))")
+        mismatch = prompt_embeds_mismatch(self.prompt_embeds, self.unet)
+        if mismatch:
+            raise ValueError(mismatch)
         return D3Predictor(self.unet, self.vae, self.prompt_embeds, self.d3_config, device=self.device,
                            dtype=self.unet.dtype)
 
