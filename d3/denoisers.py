@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .features import FeatureCapture, official_key_names, unet_layer_channels, unet_layer_set
+from .features import FeatureCapture, module_paths, official_key_names, unet_layer_channels, unet_layer_set
 from .latents import unet_size_multiple, vae_scale_factor
 from .timesteps import stratified, stratified_timesteps
 
@@ -214,15 +214,6 @@ class Denoiser:
         raise NotImplementedError
 
 
-def _modules_or_error(model: nn.Module, names: list[str], sets: tuple[str, ...], spec: str) -> list[str]:
-    modules = dict(model.named_modules())
-    unknown = [n for n in names if n not in modules]
-    if unknown or not names:
-        raise ValueError(f"unknown layer set or module path(s) {unknown or spec!r}; expected one of {sets} "
-                         "or comma-separated module paths of the model")
-    return names
-
-
 # ================================================================================================ UNet (SD 2.1)
 class UNetDenoiser(Denoiser):
     """A diffusers UNet2DConditionModel with its DDPM scheduler: exactly the calls the UNet code always made."""
@@ -393,7 +384,7 @@ class FluxDenoiser(_DiTDenoiser):
             return double
         if name == "all":
             return double + single
-        return _modules_or_error(self.model, [n.strip() for n in name.split(",") if n.strip()], self.LAYER_SETS, name)
+        return module_paths(self.model, name, self.LAYER_SETS)
 
     def feature_channels(self, layers, size=None):
         blocks = {f"single_transformer_blocks.{i}" for i in range(len(self.model.single_transformer_blocks))}
@@ -443,7 +434,7 @@ class SD3Denoiser(_DiTDenoiser):
             return blocks[-int(name[7:]):]
         if name == "all":
             return blocks
-        return _modules_or_error(self.model, [n.strip() for n in name.split(",") if n.strip()], self.LAYER_SETS, name)
+        return module_paths(self.model, name, self.LAYER_SETS)
 
     def feature_channels(self, layers, size=None):
         blocks = {f"transformer_blocks.{i}" for i in range(len(self.model.transformer_blocks))}

@@ -52,14 +52,17 @@ def unet_layer_set(unet: nn.Module, name: str = "up") -> list[str]:
     sets = {"up": up, "down": down, "all": down + up_full}
     if name in sets:
         return sets[name]
-    names = [n.strip() for n in name.split(",") if n.strip()]
-    modules = dict(unet.named_modules())
+    return module_paths(unet, name, LAYER_SETS, example="mid_block,up_blocks.1.attentions.0")
+
+
+def module_paths(model: nn.Module, spec: str, sets: Iterable[str], example: str = "") -> list[str]:
+    """`spec` read as comma-separated module paths of `model`; an unknown one is an error naming the named sets."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown or not names:
-        raise ValueError(
-            f"unknown layer set or module path(s) {unknown or name!r}; expected one of {LAYER_SETS} "
-            "or comma-separated module paths of the model (e.g. 'mid_block,up_blocks.1.attentions.0')"
-        )
+        raise ValueError(f"unknown layer set or module path(s) {unknown or spec!r}; expected one of {tuple(sets)} "
+                         "or comma-separated module paths of the model" + (f" (e.g. {example!r})" if example else ""))
     return names
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,19 +106,31 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> Path:
+    """A plain .npy (no pickled objects), written atomically."""
+    array = np.ascontiguousarray(array)
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            np.save(f, array, allow_pickle=False)
 
     return atomic_write(path, write)
 
 
 def save_png(path: str | Path, array: np.ndarray) -> Path:
-    """uint8 (H,W), (H,W,3), (H,W,4) or uint16 (H,W) PNG."""
-    if array.dtype == np.uint16:
-        if array.ndim != 2:
-            raise ValueError("16-bit PNGs are written single-channel")
-        img = Image.fromarray(array)
-    else:
-        img = Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)))
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    """uint8 (H,W), (H,W,3), (H,W,4) or uint16 (H,W) as a lossless PNG, written atomically."""
+    array = np.ascontiguousarray(array)
+    if not (array.dtype == np.uint8 and (array.ndim == 2 or array.ndim == 3 and array.shape[2] in (3, 4))
+            or array.dtype == np.uint16 and array.ndim == 2):
+        raise ValueError(f"{path}: cannot save {array.dtype} {array.shape} as a PNG "
+                         "(uint8 grey/RGB/RGBA or uint16 grey expected)")
+    image = Image.fromarray(array)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def copy_file(src: str | Path, path: str | Path) -> Path:
+    """A byte-for-byte copy of `src` (e.g. an original JPEG kept as it is), written atomically."""
+    return atomic_write(path, lambda tmp: shutil.copyfile(src, tmp))

@@ -34,6 +34,14 @@ from .latents import decode_latent, encode_image
 
 FORMAT_VERSION = 1
 
+def prompt_embeds_mismatch(prompt_embeds: torch.Tensor, unet: torch.nn.Module) -> str | None:
+    """Why a prompt embedding cannot condition this UNet, or None when it can: (1, L, cross_attention_dim)."""
+    cross = unet.config.cross_attention_dim
+    if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != cross:
+        return f"prompt_embeds of shape {tuple(prompt_embeds.shape)} do not fit the UNet (expected (1, L, {cross}))"
+    return None
+
+
 @dataclass
 class D3Config:
     task: str
@@ -287,10 +295,9 @@ class D3Predictor:
         unet = _load_student(path, config) if config.lora_adapter else _load_model(UNet2DConditionModel,
                                                                                      path / "unet", "UNet")
         vae = _load_model(AutoencoderKL, path / "vae", "VAE")
-        cross = unet.config.cross_attention_dim
-        if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != cross:
-            raise CheckpointError(f"{embeds_file}: prompt_embeds of shape {tuple(prompt_embeds.shape)} do not fit "
-                                  f"the UNet (expected (1, L, {cross}))")
+        mismatch = prompt_embeds_mismatch(prompt_embeds, unet)
+        if mismatch:
+            raise CheckpointError(f"{embeds_file}: {mismatch}")
         return cls(unet, vae, prompt_embeds, config, device, dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:

@@ -46,8 +46,8 @@ import numpy as np
 from PIL import Image
 
 from d3 import flags
-from d3.io import find_images, load_rgb
-from d3.prepare.common import Counts, PlainFolder, atomic_copy, atomic_save_npy, atomic_save_png
+from d3.io import copy_file, find_images, load_rgb, save_npy, save_png
+from d3.prepare.common import Counts, PlainFolder
 
 DEFAULT_MODEL = "apple/DepthPro-hf"
 KEEP_EXTS = (".jpg", ".jpeg", ".png")  # copied byte for byte when the pixels need no conversion
@@ -177,9 +177,9 @@ def _rgb_ext(item: dict) -> str:
 
 def _write_rgb(item: dict, path: Path) -> None:
     if item["rgb"] is None:
-        atomic_copy(item["path"], path)
+        copy_file(item["path"], path)
     else:
-        atomic_save_png(path, item["rgb"])
+        save_png(path, item["rgb"])
 
 
 def predict(model, processor, items: list[dict], device, dtype) -> list[np.ndarray]:
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> Counts:
                     continue
                 paths = folder.paths(item["rel"], {"rgb": _rgb_ext(item), "depth": ".npy"})
                 try:
-                    atomic_save_npy(paths["depth"], depth.astype(np.float32))
+                    save_npy(paths["depth"], depth.astype(np.float32))
                     _write_rgb(item, paths["rgb"])  # last: an rgb file means a complete sample
                 except Exception as e:
                     counts.failed.append((str(item["path"]), f"{type(e).__name__}: {e}"))

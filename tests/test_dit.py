@@ -28,7 +28,8 @@ from d3.heads import ProjectionHeads
 from d3.predictor import CheckpointError, D3Config, D3Predictor, predictor_from_backbone
 from d3.training import build_parser, build_student_and_teacher, d3_step, export_predictor, make_optimizer, train
 from d3.reference_step import per_copy_step
-from tests.test_equivalence import REL_TOL, cast_batch, depth_batch, rel_err
+from tests.helpers import rel_err
+from tests.test_equivalence import REL_TOL, cast_batch, depth_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 

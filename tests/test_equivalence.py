@@ -11,6 +11,7 @@ from d3.timesteps import stratified_timesteps
 from d3.data.synthetic import render_scene
 from d3.training import d3_step
 from d3.reference_step import build_parts, per_copy_step
+from tests.helpers import grads, rel_err
 
 REL_TOL = 1e-5
 
@@ -47,20 +48,12 @@ def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
     return {k: cast(v) for k, v in batch.items()}
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _run(step_fn, parts, batch, timesteps, noise, weights):
     parts.model.zero_grad(set_to_none=True)
     out = step_fn(parts.model, parts.teacher, parts.teacher_capture, parts.vae, parts.scheduler, batch,
                   parts.prompt_embeds, train_depth.depth_task_loss, weights, timesteps, noise)
     out.loss.backward()
-    return out, _grads(parts.model)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
+    return out, grads(parts.model)
 
 
 def _compare(backbone, head_type, dtype, weights):

@@ -24,7 +24,8 @@ from d3.heads import ProjectionHeads
 from d3.training import d3_step, step_generator
 from tests.authors_oracle import AuthorsHeads, authors_step, draw_timesteps
 from tests.test_authors_oracle import depth_dir, matting_dir, normal_dir  # noqa: F401 (fixtures)
-from tests.test_equivalence import cast_batch, rel_err
+from tests.helpers import rel_err
+from tests.test_equivalence import cast_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 RES = 32

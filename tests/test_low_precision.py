@@ -26,6 +26,7 @@ import torch
 import train_depth
 from d3.predictor import D3Predictor
 from d3.training import build_parser, train
+from tests.helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("D3_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
@@ -37,10 +38,6 @@ LOSS_TOL = {"bf16": 1e-2, "fp16": 5e-3}  # first-step losses, relative (bf16 on 
 def needs_cuda(precision: str) -> None:
     if precision == "fp16" and not DEVICE.startswith("cuda"):
         pytest.skip("fp16 kernels and loss scaling are a GPU matter")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from d3.data.mixing import OfficialMixSampler, RankSlice
 from d3.data.synthetic import write_synthetic_dataset
+from tests.helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 REL_TOL = 1e-5  # logged losses, per step
@@ -72,10 +73,6 @@ def trained_state(out: Path, step: int = 4) -> dict[str, torch.Tensor]:
     files = list((out / f"checkpoint-{step}" / "training_state").glob("model*.safetensors"))
     assert len(files) == 1, files
     return load_file(files[0])
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="module")

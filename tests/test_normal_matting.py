@@ -25,6 +25,7 @@ from d3.losses import multiscale_gradient_loss, normal_losses
 from d3.outputs import normal_to_rgb
 from d3.training import build_parser, build_training_data, d3_step, random_hflip
 from d3.reference_step import build_parts, per_copy_step
+from tests.helpers import grads, rel_err
 from tests.test_equivalence import cast_batch
 
 REL_TOL = 1e-5
@@ -356,10 +357,6 @@ def matting_batch(n: int = 2, size: int = 64) -> dict:
             "path": [f"m{i}" for i in range(n)]}
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
-
-
 @pytest.mark.parametrize("script, make_batch", [(train_normal, normal_batch), (train_matting, matting_batch)],
                          ids=["normal", "matting"])
 def test_efficient_step_equals_official_step(tiny_backbone_dir, script, make_batch):
@@ -379,21 +376,20 @@ def test_efficient_step_equals_official_step(tiny_backbone_dir, script, make_bat
         out = step(parts.model, parts.teacher, parts.teacher_capture, parts.vae, parts.scheduler, batch,
                    parts.prompt_embeds, script.RECIPE.task_loss, script.LOSS_WEIGHTS, timesteps, noise)
         out.loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in parts.model.named_parameters() if p.grad is not None}
-        results.append((out, grads))
+        results.append((out, grads(parts.model)))
     (fast, fast_grads), (ref, ref_grads) = results
     assert set(ref.task_terms) == set(script.LOSS_WEIGHTS)
     for term in ref.task_terms:
         assert float(ref.task_terms[term].detach()) > 0, term  # every term takes part in what is compared
-        assert _rel_err(fast.task_terms[term], ref.task_terms[term]) <= REL_TOL, term
-    assert _rel_err(fast.align, ref.align) <= REL_TOL
-    assert _rel_err(fast.loss, ref.loss) <= REL_TOL
+        assert rel_err(fast.task_terms[term], ref.task_terms[term]) <= REL_TOL, term
+    assert rel_err(fast.align, ref.align) <= REL_TOL
+    assert rel_err(fast.loss, ref.loss) <= REL_TOL
     assert set(fast_grads) == set(ref_grads) and "student_timestep" in fast_grads
     flat_fast = torch.cat([fast_grads[n].flatten() for n in ref_grads])
     flat_ref = torch.cat([g.flatten() for g in ref_grads.values()])
-    assert _rel_err(flat_fast, flat_ref) <= REL_TOL
+    assert rel_err(flat_fast, flat_ref) <= REL_TOL
     for name, grad in ref_grads.items():
-        assert _rel_err(fast_grads[name], grad) <= REL_TOL or float(grad.norm()) < 1e-12, name
+        assert rel_err(fast_grads[name], grad) <= REL_TOL or float(grad.norm()) < 1e-12, name
 
 
 # ------------------------------------------------------------------------------------------------------ inference

@@ -13,7 +13,8 @@ from PIL import Image
 from d3.data.folders import DatasetMeta, TrainingFolder, read_array
 from d3.prepare import list_samples, read_manifest
 from d3.prepare.__main__ import main
-from d3.prepare.common import DONE_DIR, _atomic
+from d3.io import atomic_write, save_png
+from d3.prepare.common import DONE_DIR
 from d3.prepare.hypersim import tone_map
 from tests import raw_fixtures as fx
 
@@ -291,15 +292,16 @@ def test_training_reader_reads_prepared_folders(hypersim, tmp_path):
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "a" / "x.npy"
 
-    def boom(f):
-        f.write(b"partial")
+    def boom(tmp):
+        tmp.write_bytes(b"partial")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        _atomic(target, boom)
+        atomic_write(target, boom)
     assert list((tmp_path / "a").iterdir()) == []
-    _atomic(target, lambda f: np.save(f, np.arange(3)))
-    assert np.load(target).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="x.png: cannot save float64"):  # a target in the wrong dtype is no PNG
+        save_png(tmp_path / "a" / "x.png", np.zeros((4, 4)))
+    assert list((tmp_path / "a").iterdir()) == []
 
 
 def test_source_mismatch_is_refused(tmp_path):

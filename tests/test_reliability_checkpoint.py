@@ -20,19 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import infer
 from d3.predictor import CheckpointError, D3Predictor
+from tests.helpers import PickleTrap
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-
-
-class _Trap:
-    """Unpickling this object creates a marker file: proof that something executed code from a data file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
 
 
 @pytest.fixture
@@ -160,7 +151,7 @@ def test_weights_that_do_not_fit_the_config_are_listed(ckpt, tmp_path):
 
 def test_pickled_weights_are_never_unpickled(ckpt, tmp_path):
     marker = tmp_path / "code-ran"
-    trap = pickle.dumps({"conv_in.weight": _Trap(marker)})
+    trap = pickle.dumps({"conv_in.weight": PickleTrap(marker)})
     # only a pickle-based weights file: refused, not opened
     only_pickle = Path(shutil.copytree(ckpt, tmp_path / "only-pickle"))
     (only_pickle / UNET_WEIGHTS).unlink()
@@ -178,7 +169,7 @@ def test_the_official_pth_is_read_weights_only(tmp_path):
     convert = pytest.importorskip("d3.convert")
     marker = tmp_path / "code-ran"
     pth = tmp_path / "depth.pth"
-    torch.save({"unet.conv_in.weight": torch.zeros(1), "hook": _Trap(marker)}, pth)
+    torch.save({"unet.conv_in.weight": torch.zeros(1), "hook": PickleTrap(marker)}, pth)
     with pytest.raises(CheckpointError, match="weights_only=True") as info:
         convert.read_official_state_dict(pth)
     assert str(pth) in str(info.value) and not marker.exists()
@@ -200,7 +191,7 @@ def test_a_resume_state_is_read_weights_only(tmp_path):
     accelerator.save_state(str(tmp_path / "state"))
     accelerator.load_state(str(tmp_path / "state"))  # the genuine state loads
     marker = tmp_path / "code-ran"
-    torch.save({"state": {}, "param_groups": [], "x": _Trap(marker)}, tmp_path / "state" / "optimizer.bin")
+    torch.save({"state": {}, "param_groups": [], "x": PickleTrap(marker)}, tmp_path / "state" / "optimizer.bin")
     with pytest.raises(pickle.UnpicklingError):
         accelerator.load_state(str(tmp_path / "state"))
     assert not marker.exists()

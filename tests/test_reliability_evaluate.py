@@ -12,17 +12,10 @@ import pytest
 from PIL import Image
 
 import evaluate
+from tests.helpers import PickleTrap
 
 H, W = 12, 16
 NAMES = [f"scene{i:04d}_00/color/{i:06d}.jpg" for i in range(6)]
-
-
-class _Trap:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
 
 
 def write_scannet(root: Path) -> dict[str, np.ndarray]:
@@ -170,7 +163,7 @@ def test_a_pickled_prediction_is_not_unpickled(dataset, tmp_path, capsys):
     root, preds = dataset
     marker = tmp_path / "code-ran"
     with open(npy(preds, 3), "wb") as f:
-        np.save(f, np.array([_Trap(marker)], dtype=object), allow_pickle=True)
+        np.save(f, np.array([PickleTrap(marker)], dtype=object), allow_pickle=True)
     assert evaluate_cli(root, preds, tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert f"scannet sample {NAMES[3]}: cannot read prediction {npy(preds, 3)}" in err

@@ -26,7 +26,8 @@ from d3.timesteps import stratified_timesteps
 from d3.prefetch import BackgroundWriter, ordered_prefetch, predict_files
 from d3.training import adamw, apply_speed_flags, build_parser, d3_step
 from d3.reference_step import build_parts, per_copy_step
-from tests.test_equivalence import cast_batch, depth_batch, rel_err
+from tests.helpers import grads, rel_err
+from tests.test_equivalence import cast_batch, depth_batch
 
 REL_TOL = 1e-5
 
@@ -34,16 +35,12 @@ REL_TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _step(step_fn, parts, batch, timesteps, noise):
     parts.model.zero_grad(set_to_none=True)
     out = step_fn(parts.model, parts.teacher, parts.teacher_capture, parts.vae, parts.scheduler, batch,
                   parts.prompt_embeds, train_depth.depth_task_loss, train_depth.LOSS_WEIGHTS, timesteps, noise)
     out.loss.backward()
-    return out, _grads(parts.model)
+    return out, grads(parts.model)
 
 
 def _float64_parts(backbone):

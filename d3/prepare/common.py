@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from d3.io import atomic_write
+from d3.io import copy_file, save_npy, save_png, write_bytes
 
 FORMAT_NAME = "d3-plain"
 FORMAT_VERSION = 1
@@ -51,59 +49,15 @@ RGB_EXTS = (".png", ".jpg", ".jpeg")
 NORMAL_FRAME = "camera: x right, y up, z towards the viewer (OpenGL, as Marigold); invalid = (0,0,0)"
 
 
-# --------------------------------------------------------------------------------------------
-# Atomic writes
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK  # mkstemp creates 0600 files; datasets are shared, so apply the umask
-
-
-def _atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write(fileobj)`` to a temporary name beside ``path``, then rename it (d3.io.atomic_write)."""
-
-    def write_tmp(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.chmod(tmp, _FILE_MODE)
-
-    atomic_write(path, write_tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
-
-
-def atomic_copy(src: Path, path: Path) -> None:
-    def write(f: BinaryIO) -> None:
-        with open(src, "rb") as s:
-            shutil.copyfileobj(s, f)
-
-    _atomic(path, write)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    _atomic(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
-
-
-def atomic_save_png(path: Path, array: np.ndarray) -> None:
-    """uint8 (H, W) / (H, W, 3) or uint16 (H, W) as a lossless PNG."""
-    array = np.ascontiguousarray(array)
-    if not (array.dtype == np.uint8 and array.ndim in (2, 3) or array.dtype == np.uint16 and array.ndim == 2):
-        raise ValueError(f"{path}: cannot save {array.dtype} {array.shape} as a PNG")
-    image = Image.fromarray(array)
-    _atomic(path, lambda f: image.save(f, format="PNG"))
-
-
 def write_value(path: Path, value: Path | np.ndarray) -> None:
     """Write one target: a Path is copied verbatim, an array by the file's extension (.npy or .png)."""
     path = Path(path)
     if isinstance(value, Path):
-        atomic_copy(value, path)
+        copy_file(value, path)
     elif path.suffix == ".npy":
-        atomic_save_npy(path, value)
+        save_npy(path, value)
     else:
-        atomic_save_png(path, value)
+        save_png(path, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +123,7 @@ class PlainFolder:
         return self
 
     def _write_manifest(self) -> None:
-        atomic_write_bytes(self.root / MANIFEST, (json.dumps(self._manifest, indent=2) + "\n").encode())
+        write_bytes(self.root / MANIFEST, (json.dumps(self._manifest, indent=2) + "\n").encode())
 
     def paths(self, rel: str, outputs: dict[str, str]) -> dict[str, Path]:
         return {kind: self.root / kind / f"{rel}{ext}" for kind, ext in outputs.items()}
@@ -197,7 +151,7 @@ class PlainFolder:
 
     def mark_group_done(self, group: str, rels: Iterable[str]) -> None:
         rels = sorted(set(rels) | self.group_done(group))
-        atomic_write_bytes(self._marker(group), json.dumps({"group": group, "samples": rels}).encode())
+        write_bytes(self._marker(group), json.dumps({"group": group, "samples": rels}).encode())
 
     def finish(self, counts: "Counts") -> None:
         self._manifest["num_samples"] = len(list_samples(self.root))
