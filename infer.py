@@ -22,7 +22,8 @@ import numpy as np
 from d3.io import find_images, load_rgb
 from d3.outputs import SUFFIXES, output_paths, write_outputs
 from d3.loading import load_predictor
-from d3.predictor import RESIZE_MODES, TASKS, CheckpointError, D3Predictor
+from d3.checkpoint import RESIZE_MODES, TASKS, CheckpointError
+from d3.predictor import D3Predictor
 from d3.prefetch import default_workers, predict_files
 from d3.sharding import Shard
 

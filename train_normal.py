@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from d3.losses import normal_losses
-from d3.predictor import PROMPTS
+from d3.checkpoint import PROMPTS
 from d3.training import TaskRecipe, main
 
 # Appendix 6.2: a fixed prompt per task.

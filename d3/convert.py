@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .predictor import PROMPTS, TASKS, CheckpointError, D3Config, D3Predictor
+from .checkpoint import PROMPTS, TASKS, CheckpointError, D3Config
+from .predictor import D3Predictor
 
 STUDENT_PREFIX = "d3_predictor."
 TIMESTEP_KEYS = ("timestep", STUDENT_PREFIX + "timestep")
