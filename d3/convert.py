@@ -241,7 +241,8 @@ def load_official_predictor(
     `student_timestep` overrides the file's (needed only for a file saved without it).
     """
     from .backbone import DEFAULT_BASE_MODEL, BackboneLoadError, encode_prompt, load_backbone
-    from .predictor import D3Config, D3Predictor
+    from .checkpoint import D3Config
+    from .predictor import D3Predictor
 
     path = Path(path)
     task = infer_task(path, task)
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_args(args)
     except FlagError as err:
         p.error(str(err))
-    from .predictor import D3Config
+    from .checkpoint import D3Config
 
     try:
         out = convert(args.checkpoint, args.output, args.pretrained_model_name_or_path, args.task, args.timestep)

@@ -298,7 +298,7 @@ def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_
     padded). ``official_preprocess`` also fixes the resolution at 768 whatever the checkpoint says."""
     import dataclasses
 
-    from d3.predictor import RESIZE_MODES
+    from d3.checkpoint import RESIZE_MODES
     from d3.loading import load_predictor as load  # only the --checkpoint path needs the model code
 
     mode = resize_mode or EVAL_RESIZE_MODE

@@ -11,7 +11,8 @@ import warnings
 from pathlib import Path
 
 from .convert import load_official_predictor
-from .predictor import OFFICIAL_PROCESSING_RES, PROMPTS, D3Predictor, resolve_checkpoint
+from .checkpoint import OFFICIAL_PROCESSING_RES, PROMPTS, resolve_checkpoint
+from .predictor import D3Predictor
 
 
 def load_predictor(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .predictor import PROMPTS, D3Config
+from .checkpoint import PROMPTS, D3Config
 
 PIPELINE_TAGS = {"depth": "depth-estimation", "normal": "image-to-image", "matting": "image-segmentation"}
 OUTPUT_DOC = {

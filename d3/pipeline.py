@@ -32,15 +32,8 @@ from .io import load_rgb, to_uint8_rgb
 from .loading import load_predictor
 from .model_card import model_card
 from .outputs import colorize_depth, normal_to_rgb, to_uint16
-from .predictor import (
-    RESIZE_MODES,
-    TASKS,
-    CheckpointError,
-    D3Config,
-    D3Predictor,
-    prompt_embeds_mismatch,
-    resolve_checkpoint,
-)
+from .checkpoint import RESIZE_MODES, TASKS, CheckpointError, D3Config, prompt_embeds_mismatch, resolve_checkpoint
+from .predictor import D3Predictor
 
 @dataclass
 class D3PipelineOutput(BaseOutput):

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from .aggregation import D3Model, expert_features
 from .backbone import encode_condition, load_backbone
+from .checkpoint import D3Config, save_checkpoint
 from .denoisers import Denoiser
 from .data.folders import BadSampleError, collate, open_sources
 from .data.mixing import RankSlice, concat, make_sampler, mixing_probabilities, parse_dataset_spec
@@ -287,8 +288,6 @@ def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
 def export_predictor(path: Path, model: D3Model, vae, prompt_embeds, args, recipe: TaskRecipe,
                      full_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write the inference folder. `full_state` is the D3Model's state dict gathered from FSDP shards (else None)."""
-    from .predictor import D3Config, save_checkpoint  # noqa: PLC0415 (predictor imports are inference-only)
-
     timestep = model.student_timestep if full_state is None else full_state["student_timestep"]
     student_state = None if full_state is None else {
         k[len("student."):]: v for k, v in full_state.items() if k.startswith("student.")}

@@ -18,7 +18,8 @@ from d3.convert import (
     split_official_state_dict,
 )
 from d3.loading import load_predictor
-from d3.predictor import PROMPTS, CheckpointError, D3Predictor
+from d3.checkpoint import PROMPTS, CheckpointError
+from d3.predictor import D3Predictor
 
 TIMESTEP = 260.0  # what the release stores: 261 is not representable in bf16
 

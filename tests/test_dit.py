@@ -25,7 +25,8 @@ from d3.aggregation import D3Model
 from d3.backbone import encode_condition, load_backbone
 from d3.denoisers import DIT_STUDENT_TIMESTEP, FluxDenoiser, as_denoiser, detect_architecture
 from d3.heads import ProjectionHeads
-from d3.predictor import CheckpointError, D3Config, D3Predictor, predictor_from_backbone
+from d3.checkpoint import CheckpointError, D3Config
+from d3.predictor import D3Predictor, predictor_from_backbone
 from d3.training import build_parser, build_student_and_teacher, d3_step, export_predictor, make_optimizer, train
 from d3.reference_step import per_copy_step
 from tests.helpers import rel_err

@@ -14,7 +14,8 @@ import infer
 from d3 import metrics as M
 from d3.data import benchmarks as B
 from d3.evaluation import EvaluationError, prediction_candidates, run
-from d3.predictor import RESIZE_MODES, D3Predictor
+from d3.checkpoint import RESIZE_MODES
+from d3.predictor import D3Predictor
 from tests import benchmark_fixtures as F
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # in-memory and infer.py's predictions bit-identical

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from d3.pipeline import D3Pipeline
-from d3.predictor import CheckpointError, D3Predictor
+from d3.checkpoint import CheckpointError
+from d3.predictor import D3Predictor
 
 CHECKPOINTS = {"depth": "tiny_depth_checkpoint", "normal": "tiny_normal_checkpoint",
                "matting": "tiny_matting_checkpoint"}

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import infer
-from d3.predictor import CheckpointError, D3Predictor
+from d3.checkpoint import CheckpointError
+from d3.predictor import D3Predictor
 from tests.helpers import PickleTrap
 
 ROOT = Path(__file__).resolve().parents[1]

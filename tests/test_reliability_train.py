@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_depth
-from d3.predictor import CheckpointError, D3Predictor
+from d3.checkpoint import CheckpointError
+from d3.predictor import D3Predictor
 from d3.training import build_parser, resolve_resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
