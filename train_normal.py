@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from d3.flags import PROMPTS
-from d3.training_args import TaskRecipe, main  # light: torch is imported once the flags have been checked
+from d3.train_cli import main  # light: torch is imported once the flags have been checked
+from d3.training_args import TaskRecipe
 
 if TYPE_CHECKING:
     import torch

@@ -32,7 +32,7 @@ from .devices import cast_module
 from .features import FeatureCapture
 from .heads import ProjectionHeads
 from .latents import decode_latent, encode_image, vae_scale_factor
-from .training_args import TaskRecipe, build_parser, main, validate_args  # noqa: F401  (the flags: a light module)
+from .training_args import TaskRecipe, build_parser, validate_args  # noqa: F401  (the flags: a light module)
 
 logger = logging.getLogger("d3.train")
 

@@ -1,7 +1,8 @@
-"""The training flags: `TaskRecipe`, `build_parser(recipe)`, `validate_args` and `main`, without the model code.
+"""The training flags: `TaskRecipe`, `build_parser(recipe)` and `validate_args`, without the model code.
 
 The parser and its checks import nothing heavy (no torch, diffusers or accelerate), so `train_*.py --help` and a bad
-flag answer at once; `main` imports the training loop (`d3.training`) only once every flag has been checked.
+flag answer at once; `d3.train_cli.main` imports the training loop (`d3.training`) only once every flag has
+been checked.
 `d3.training` re-exports these names (`from d3.training import build_parser` keeps working).
 """
 
@@ -166,16 +167,3 @@ def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
         folder = Path(args.log_history).expanduser().parent
         if not (folder.is_dir() or folder.resolve() == output_dir.resolve()):
             raise flags.bad("--log_history", args.log_history, "its folder does not exist")
-
-
-def main(recipe: TaskRecipe, argv: list[str] | None = None, description: str | None = None) -> None:
-    """Parse and check the flags, then train (the model code is imported only now)."""
-    parser = build_parser(recipe, description)
-    args = parser.parse_args(argv)
-    try:
-        validate_args(args, recipe)
-    except FlagError as err:
-        parser.error(str(err))
-    from .training import train  # noqa: PLC0415  (torch, diffusers, accelerate: only for a run that will start)
-
-    train(args, recipe)

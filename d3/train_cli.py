@@ -1,0 +1,23 @@
+"""The command line of train_depth.py, train_normal.py and train_matting.py: parse, check, then train.
+
+Above both `d3.training_args` (the flags, light) and `d3.training` (the loop, heavy), so `--help` and a bad flag
+answer before torch, diffusers or accelerate are imported.
+"""
+
+from __future__ import annotations
+
+from .flags import FlagError
+from .training_args import TaskRecipe, build_parser, validate_args
+
+
+def main(recipe: TaskRecipe, argv: list[str] | None = None, description: str | None = None) -> None:
+    """Parse and check the flags, then train (the model code is imported only now)."""
+    parser = build_parser(recipe, description)
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args, recipe)
+    except FlagError as err:
+        parser.error(str(err))
+    from .training import train  # noqa: PLC0415  (torch, diffusers, accelerate: only for a run that will start)
+
+    train(args, recipe)
