@@ -447,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
                              "0 = leave it random). A folder taught before with the same settings is reused")
     parser.add_argument("--teach_vae_maps", nargs="+", default=list(TEACH_DEFAULTS["maps"]), choices=TEACHABLE_MAPS)
     parser.add_argument("--teach_vae_lr", type=float, default=TEACH_DEFAULTS["lr"])
+    parser.add_argument("--teach_vae_scenes", type=int, default=TEACH_DEFAULTS["num_scenes"],
+                        help="synthetic scenes (64x64) whose maps are taught")
     parser.add_argument("--teach_vae_encoder", action="store_true", help="teach the encoder too (an autoencoder)")
     args = parser.parse_args(argv)
     if args.teach_vae_steps < 0:
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--teach_vae_steps applies to the tiny preset")
     out = Path(args.output)
     teach = dict(lr=args.teach_vae_lr, maps=tuple(args.teach_vae_maps), encoder=args.teach_vae_encoder,
-                 seed=args.seed)
+                 num_scenes=args.teach_vae_scenes, seed=args.seed)
     settings = teach_settings({"preset": args.preset, "seed": args.seed}, args.teach_vae_steps, **teach)
     if _same_settings(_read_json(out / TEACH_RECORD), settings) and (out / "vae").is_dir():
         print(f"reusing {out}: its VAE was taught with the same settings ({out / TEACH_RECORD})")
