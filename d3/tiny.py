@@ -8,7 +8,9 @@ as it would load `stabilityai/stable-diffusion-2-1`.
     python -m d3.tiny --preset sd21 --output /tmp/sd21  # random-init SD 2.1 shapes (~1.3B parameters with CLIP-H)
     python -m d3.tiny --preset tiny-flux --output /tmp/tiny-flux  # a FLUX.1-dev-shaped pipeline folder, tiny
     python -m d3.tiny --preset tiny-sd3 --output /tmp/tiny-sd3    # an SD3-shaped one (CLIP-L, CLIP-G, T5)
-    python -m d3.tiny --output /tmp/d3-tiny --teach_vae_steps 300  # its VAE taught to draw maps (a minute or so)
+    # its VAE then taught to draw RGB and depth maps (about 1.5 CPU minutes; the README's quick start):
+    python -m d3.tiny --output /tmp/d3-tiny --teach_vae_steps 200 --teach_vae_encoder --teach_vae_maps rgb depth
+        --teach_vae_scenes 128
 
 Why teach the VAE: D³ keeps Stable Diffusion's VAE frozen and relies on it decoding depth, normal and alpha maps
 almost perfectly (Marigold's premise). A random VAE cannot: the GroupNorms in its decoder pin every output near

@@ -41,12 +41,10 @@ def _entry(command: list[str]):
     if command[:2] == ["python", "-m"] and command[2] == "d3.data.synthetic":
         from d3.data.synthetic import main
         return main, command[3:]
-    if command[:2] == ["accelerate", "launch"]:
-        script = next(i for i, a in enumerate(command) if a.endswith(".py"))
-        assert command[script] == "train_depth.py", command
+    if command[0] in ("python", "accelerate") and "train_depth.py" in command:  # python or accelerate launch
         import train_depth
         from d3.training import main as train_main
-        return (lambda argv: train_main(train_depth.RECIPE, argv)), command[script + 1:]
+        return (lambda argv: train_main(train_depth.RECIPE, argv)), command[command.index("train_depth.py") + 1:]
     if command[:2] == ["python", "infer.py"]:
         import infer
         return infer.main, command[2:]
@@ -59,7 +57,7 @@ def _entry(command: list[str]):
 def _localise(argv: list[str], tmp: Path) -> list[str]:
     out = []
     for i, arg in enumerate(argv):
-        if i and argv[i - 1] in TEST_STEPS:
+        if i and argv[i - 1] in TEST_STEPS and arg != "0":  # 0 training steps: the untrained model, kept
             arg = TEST_STEPS[argv[i - 1]]
         out.append(re.sub(r"^/tmp/(d3-[\w-]+)", lambda m: str(tmp / m[1]), arg))
     return out
