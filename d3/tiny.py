@@ -393,7 +393,9 @@ def teach_vae(backbone: str | Path, output: str | Path | None = None, steps: int
         return output  # taught before with the same settings
     if output != backbone:
         if output.exists():
-            shutil.rmtree(output)
+            if any(output.iterdir()) and not (output / TEACH_RECORD).is_file():
+                raise FileExistsError(f"{output}: exists and is not a taught backbone; choose a new folder")
+            shutil.rmtree(output)  # taught before with other settings
         shutil.copytree(backbone, output)
     elif record.exists():
         raise ValueError(f"{backbone}: its VAE was taught already ({record}); teach a fresh copy instead")

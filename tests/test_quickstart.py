@@ -128,3 +128,8 @@ def test_teach_vae_is_deterministic_and_reused(tiny_backbone_dir, tmp_path, one_
     assert json.loads((a / TEACH_RECORD).read_text())["steps"] == 4, "other settings: taught again"
     with pytest.raises(ValueError, match="maps"):
         teach_vae(tiny_backbone_dir, tmp_path / "c", 1, maps=("sky",))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("not a backbone")
+    with pytest.raises(FileExistsError):
+        teach_vae(tiny_backbone_dir, tmp_path / "d", 1)
+    assert (tmp_path / "d" / "notes.txt").exists()
