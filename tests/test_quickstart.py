@@ -19,7 +19,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Fewer steps than the README (the test's time): the VAE's teaching and the student's training.
+# Fewer steps than the README (the test's time): the VAE's teaching and the student's training. Measured on a busy
+# 2-core CPU: 100/100 held-out AbsRel 0.452 -> 0.283 (165 s); 60/80 0.429 -> 0.296 (131 s), too near the 0.7 bound.
 TEST_STEPS = {"--teach_vae_steps": "100", "--max_train_steps": "100"}
 
 
