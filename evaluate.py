@@ -5,6 +5,7 @@
   python evaluate.py --dataset all_depth --data-root DATA --checkpoint CKPT
   python evaluate.py --dataset p3m --data-root DATA/P3M-10k/validation --predictions ALPHAS
   python evaluate.py --dataset folder --data-root MY_TASK --predictions MASKS
+  python evaluate.py --dataset synthetic --data-root SCENES --checkpoint CKPT   # a python -m d3.data.synthetic folder
 
 Protocols: Marigold's for depth and normals, P3M's for matting. --checkpoint predicts as the paper's numbers were
 made: the image squashed to the checkpoint's square processing resolution (768 for the paper's models), as the

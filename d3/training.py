@@ -396,7 +396,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
     heads = ProjectionHeads(student.feature_channels(layers), args.head_type, student.head_names(layers))
     model = D3Model(student, heads, layers, args.student_timestep, learn_timestep=not args.freeze_timestep)
     if getattr(args, "init_from", None):
-        from .convert import OfficialCheckpointError, load_official_training_state  # noqa: PLC0415
+        from .official_release import OfficialCheckpointError, load_official_training_state  # noqa: PLC0415
 
         try:
             counts = load_official_training_state(args.init_from, model)

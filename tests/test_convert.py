@@ -10,15 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d3.convert import (
-    OfficialCheckpointError,
-    infer_task,
-    load_official_predictor,
-    read_official_state_dict,
-    split_official_state_dict,
-)
-from d3.loading import load_predictor
 from d3.checkpoint import PROMPTS, CheckpointError
+from d3.convert import load_official_predictor
+from d3.loading import load_predictor
+from d3.official_release import OfficialCheckpointError, infer_task, read_official_state_dict, split_official_state_dict
 from d3.predictor import D3Predictor
 
 TIMESTEP = 260.0  # what the release stores: 261 is not representable in bf16

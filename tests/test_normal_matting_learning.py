@@ -11,18 +11,17 @@ alignment, angles), so they use the random VAE as it is.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import train_matting
 import train_normal
 from d3.data.synthetic import render_scene
 from d3.metrics import angular_errors
 from d3.predictor import D3Predictor, predictor_from_backbone
+from d3.tiny import teach_vae
 from d3.training import TaskRecipe, build_parser, train
 
 STEPS = 60
@@ -56,40 +55,11 @@ def matting_mad(predictor: D3Predictor, scenes) -> float:
     return float(np.mean([np.abs(p - s.alpha).mean() for p, s in zip(preds, scenes)]))
 
 
-def teach_decoder_maps(backbone: Path, output: Path, steps: int = 300, lr: float = 2e-3) -> Path:
-    """A copy of `backbone` whose VAE decoder has learnt to reconstruct alpha and normal maps from their latents
-    (encoder untouched), standing in for SD's pretrained VAE. Held-out scenes are not among its maps."""
-    from diffusers import AutoencoderKL
-
-    shutil.copytree(backbone, output)
-    maps = []
-    for i in range(32):
-        scene = render_scene(80_000 + i, 64, 64)
-        maps.append(torch.from_numpy(scene.alpha)[None].expand(3, -1, -1) * 2 - 1)
-        maps.append(torch.from_numpy(scene.normal).permute(2, 0, 1))
-    maps = torch.stack(maps)
-    vae = AutoencoderKL.from_pretrained(output / "vae").requires_grad_(False)
-    with torch.no_grad():
-        latents = vae.encode(maps).latent_dist.mean
-    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        pick = torch.randint(len(maps), (8,), generator=generator)
-        loss = (vae.decode(latents[pick]).sample - maps[pick]).abs().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    shutil.rmtree(output / "vae")
-    vae.save_pretrained(output / "vae")
-    return output
-
-
 @pytest.fixture(scope="module")
 def map_decoding_backbone(tiny_backbone_dir, tmp_path_factory) -> Path:
-    return teach_decoder_maps(tiny_backbone_dir, tmp_path_factory.mktemp("map-vae") / "backbone")
+    # the VAE's decoder taught to draw alpha and normal maps (encoder untouched); held-out scenes are not among them
+    return teach_vae(tiny_backbone_dir, tmp_path_factory.mktemp("map-vae") / "backbone", steps=300, lr=2e-3,
+                     maps=("alpha", "normal"))
 
 
 def test_normal_training_beats_the_untrained_model(tiny_backbone_dir, synthetic_train_dir, tmp_path):

@@ -552,6 +552,35 @@ class OASIS(NormalBenchmark):
     protocol_processing_res = 768
 
 
+class SyntheticDepth(DepthBenchmark):
+    """A folder written by ``python -m d3.data.synthetic`` (d3's plain training-folder layout): rgb/<name>.png +
+    depth/<name>.npy (float32 metres, 0 = invalid). Valid: min_depth < d < max_depth from its d3_dataset.json
+    (default 0 < d < inf); no crop; least-squares alignment, clipped to that range. For held-out scenes of the quick
+    start and the tests, not a benchmark of the paper."""
+
+    name, title = "synthetic", "synthetic"
+    layout = "rgb/<name>.png + depth/<name>.npy (metres, 0 = invalid) [+ d3_dataset.json], as d3.data.synthetic writes"
+    min_depth, max_depth = 0.0, math.inf
+    protocol_processing_res = 0
+    valid_mask_rule = "min_depth < d < max_depth of d3_dataset.json (default 0 < d < inf)"
+
+    def __init__(self, root, split=None) -> None:
+        super().__init__(root, split)
+        if self.source.exists("d3_dataset.json"):
+            import json
+
+            meta = json.loads(self.source.read("d3_dataset.json"))
+            self.min_depth = float(meta.get("min_depth", self.min_depth))
+            self.max_depth = float(meta.get("max_depth", self.max_depth))
+
+    def _discover(self, files):
+        entries, _ = _pair_by_regex(files, r"rgb/(.+)\.png", lambda m: f"depth/{m[1]}.npy")
+        return sorted(entries, key=lambda e: e.rgb)
+
+    def _decode_depth(self, entry):
+        return decode_npy(self.source.read(entry.gt))
+
+
 # ----------------------------------------------------------------------------------------------
 # Matting (docs/protocols.md, "Matting (P3M-500-NP)") and domain-specific segmentation folders ("Few-shot segmentation")
 # ----------------------------------------------------------------------------------------------
@@ -654,7 +683,7 @@ class SegmentationFolder(_ImageFolderBenchmark):
 
 
 BENCHMARKS: Dict[str, Type[Benchmark]] = {
-    cls.name: cls for cls in (NYUv2, KITTI, ETH3D, ScanNet, DIODE,
+    cls.name: cls for cls in (NYUv2, KITTI, ETH3D, ScanNet, DIODE, SyntheticDepth,
                               NYUv2Normals, ScanNetNormals, IBims, DIODENormals, OASIS,
                               P3M500NP, SegmentationFolder)
 }
