@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
     # With several processes only rank 0 draws its bar (its own share; the others' are of the same size).
     desc = f"{task} (rank 0 of {shard.world_size})" if shard.sharded else task
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not shard.is_main)
+    start = time.perf_counter()
     try:
         # Reader threads decode ahead and writer threads write behind (every file: temporary name, then rename)
         # while the model runs on batches of same-size images; each failure is reported and the rest goes on.
@@ -176,11 +178,15 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
         return 130
     bar.close()
 
-    counts = (written, skipped, len(failures))
+    # The throughput counts the images written over the wall time of the prediction loop (model load excluded;
+    # with several processes, the slowest one's time).
+    counts = (written, skipped, len(failures), round((time.perf_counter() - start) * 1000))
 
     def summary(rows: list[tuple[int, ...]]) -> None:
-        w, s, f = (sum(column) for column in zip(*rows))
-        print(f"{w} written, {s} skipped (already done), {f} failed -> {output}", flush=True)
+        w, s, f = (sum(row[i] for row in rows) for i in range(3))
+        seconds = max(row[3] for row in rows) / 1000
+        rate = f", {w / seconds:.2f} images/s" if w and seconds > 0 else ""
+        print(f"{w} written, {s} skipped (already done), {f} failed -> {output}{rate}", flush=True)
 
     if not shard.sharded:
         summary([counts])

@@ -66,7 +66,7 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--prompt", default=recipe.prompt, help="the fixed task prompt (appendix 6.2)")
     a("--train_batch_size", type=int, default=4, help="images per device per micro-batch")
     a("--gradient_accumulation_steps", type=int, default=8, help="micro-batches per optimizer update")
-    a("--max_train_steps", type=int, default=30000, help="optimizer updates")
+    a("--max_train_steps", type=int, default=30000, help="optimizer updates (0: export the untrained model)")
     a("--learning_rate", type=float, default=3e-5, help="AdamW learning rate after the warm-up")
     a("--lr_scheduler", default="constant_with_warmup",
       choices=["constant", "constant_with_warmup", "linear", "cosine", "polynomial"])
@@ -141,10 +141,11 @@ def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
                        "folder (expected a diffusers Stable Diffusion folder)")
     flags.at_least("--resolution", args.resolution, 8)
     flags.multiple_of("--resolution", args.resolution, 8)
-    for flag in ("--train_batch_size", "--gradient_accumulation_steps", "--max_train_steps", "--checkpointing_steps",
+    for flag in ("--train_batch_size", "--gradient_accumulation_steps", "--checkpointing_steps",
                  "--checkpoints_total_limit", "--max_train_samples", "--num_timesteps", "--max_nonfinite"):
         flags.at_least(flag, getattr(args, flag[2:]), 1)
-    for flag in ("--lr_warmup_steps", "--dataloader_num_workers", "--lora_rank", "--adam_weight_decay",
+    # --max_train_steps 0 exports the untrained model (the quick start's baseline)
+    for flag in ("--max_train_steps", "--lr_warmup_steps", "--dataloader_num_workers", "--lora_rank", "--adam_weight_decay",
                  "--lambda_task", "--lambda_align", *(f"--lambda_{term}" for term in recipe.loss_weights)):
         flags.at_least(flag, getattr(args, flag[2:]), 0)
     for flag in ("--learning_rate", "--adam_epsilon", "--max_grad_norm", "--lora_alpha"):

@@ -44,7 +44,7 @@ def _entry(command: list[str]):
         return main, command[3:]
     if command[0] in ("python", "accelerate") and "train_depth.py" in command:  # python or accelerate launch
         import train_depth
-        from d3.training import main as train_main
+        from d3.train_cli import main as train_main
         return (lambda argv: train_main(train_depth.RECIPE, argv)), command[command.index("train_depth.py") + 1:]
     if command[:2] == ["python", "infer.py"]:
         import infer
