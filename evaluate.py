@@ -113,7 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from d3.evaluation import PROTOCOL, EvaluationError, ShardFailed, run
+    from d3.evaluation import ShardFailed, run
+    from d3.prediction_files import EvaluationError
+    from d3.scorers import PROTOCOL
 
     try:
         run(

@@ -7,27 +7,14 @@ geometry by default, a squash to the square processing resolution (:func:`load_p
 Under torchrun each process scores the samples it owns (:mod:`d3.sharding`), and rank 0 aggregates every sample's
 :class:`SampleRecord` in dataset order, as one process does.
 
-Prediction files (``--predictions DIR``) are looked up, in this order (``REL`` = the RGB path relative to the
-data root without its extension), as
-  1. infer.py's output for the dataset folder, its lossless file: ``DIR/REL_depth.npy``, ``DIR/REL_normal.npy``,
-     ``DIR/REL_alpha_16bit.png`` (matting and segmentation);
-  2. plain names: ``DIR/REL.npy`` (matting / segmentation also ``.png``);
-  3. the reference tool's naming: Marigold depth ``DIR/<rgb dir>/pred_<...>.npy`` (NYU
-     ``rgb_0001.png -> pred_0001.npy``, the others ``X.ext -> pred_X.npy``); Marigold normals
-     ``DIR/<rgb dir>/<rgb stem>.npy`` (the plain name);
-  4. infer.py's 8-bit ``DIR/REL_alpha.png`` (matting and segmentation);
-and for matting / segmentation the same names flat, by image stem (P3M's own layout, or infer.py run on the image
-folder). A file that is the sample's own GT is refused (``--predictions`` pointed at the data).
-Depth: float HxW or 1xHxW at GT resolution (never resized). Normals: (H,W,3) or (3,H,W), camera frame
-x right, y up, z toward the camera. Alpha / masks: HxW ``.npy`` in [0, 1] or an 8/16-bit PNG
-(a 3-channel map is reduced by its channel mean).
+Prediction files are found and read by :mod:`d3.prediction_files`, scored by :mod:`d3.scorers`, and reported
+by :mod:`d3.eval_report`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import traceback
 from dataclasses import dataclass
@@ -37,251 +24,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from d3 import metrics as M
-from d3.data.benchmarks import (
-    BENCHMARKS, GROUPS, Benchmark, BenchmarkSample, DepthBenchmark, decode_png_unit,
-)
+from d3.data.benchmarks import BENCHMARKS, GROUPS, Benchmark
 from d3.devices import resolve_device
+from d3.eval_report import format_group_table, format_table, jsonable, report_skipped
+from d3.prediction_files import EvaluationError, conform_prediction, read_prediction
+from d3.scorers import PROTOCOL, make_scorer
 from d3.sharding import RankZeroFailed, Shard
-
-PROTOCOL = "protocol"  # sentinel: the dataset's own alignment_max_res / Marigold processing resolution
-
-TASK_METRICS: Dict[str, Sequence[str]] = {
-    "depth": M.DEPTH_METRICS,
-    "normal": M.NORMAL_METRICS,
-    "matting": M.MATTING_METRICS + M.MATTING_TRIMAP_METRICS,
-    "segmentation": M.SEGMENTATION_METRICS,
-}
-
-
-class EvaluationError(RuntimeError):
-    """A problem with one sample's prediction; the message names the sample."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Prediction files
-# ----------------------------------------------------------------------------------------------
-
-def marigold_pred_name(rgb_basename: str, name_mode: str) -> str:
-    """Marigold's ``get_pred_name`` with suffix .npy (``rgb_id`` for NYU, ``id`` elsewhere)."""
-    if name_mode == "rgb_id":
-        name = "pred_" + rgb_basename.split("_")[1]
-    elif name_mode == "id":
-        name = "pred_" + rgb_basename
-    else:
-        raise ValueError(f"unknown name mode {name_mode!r}")
-    return os.path.splitext(name)[0] + ".npy"
-
-
-# What infer.py writes per image (d3/outputs.py), lossless first; the 8-bit alpha only after every other name.
-INFER_SUFFIXES = {"depth": ("_depth.npy",), "normal": ("_normal.npy",), "matting": ("_alpha_16bit.png",),
-                  "segmentation": ("_alpha_16bit.png",)}
-INFER_LOSSY_SUFFIXES = {"matting": ("_alpha.png",), "segmentation": ("_alpha.png",)}
-
-
-def prediction_candidates(bench: Benchmark, rgb_rel: str) -> List[str]:
-    """Relative paths under the prediction folder, in lookup order: infer.py's lossless file, the plain names,
-    Marigold's depth naming, then (matting / segmentation) infer.py's 8-bit alpha; matting and segmentation also
-    flat (by image stem) after the mirrored paths."""
-    p = PurePosixPath(rgb_rel)
-    exts = (".npy", ".png") if bench.task in ("matting", "segmentation") else (".npy",)
-
-    def names(stem: str) -> List[str]:
-        return ([stem + s for s in INFER_SUFFIXES[bench.task]] + [stem + e for e in exts]
-                + [stem + s for s in INFER_LOSSY_SUFFIXES.get(bench.task, ())])
-
-    out = names(str(p.with_suffix("")))
-    if isinstance(bench, DepthBenchmark):
-        out.append(str(p.parent / marigold_pred_name(p.name, bench.pred_name_mode)))
-    elif bench.task in ("matting", "segmentation"):
-        out += names(p.stem)
-    return list(dict.fromkeys(x[2:] if x.startswith("./") else x for x in out))
-
-
-def find_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str, gt_rel: Optional[str] = None) -> Path:
-    """The first candidate present. A candidate that is the sample's own GT file (``--predictions`` pointed at the
-    data folder, where DIODE's ``X_depth.npy`` and the normal sets' ``X_normal.npy`` are GT) is an error."""
-    cands = prediction_candidates(bench, rgb_rel)
-    gt_file = None
-    if gt_rel and bench.root.is_dir():  # (a .tar holds no file a prediction path could be)
-        gt_file = (bench.root / gt_rel).resolve()
-    for rel in cands:
-        if (pred_dir / rel).is_file():
-            if gt_file is not None and (pred_dir / rel).resolve() == gt_file:
-                raise EvaluationError(f"{bench.name} sample {rgb_rel}: {pred_dir / rel} is the ground truth itself; "
-                                      "--predictions must be a folder of predictions, not the dataset")
-            return pred_dir / rel
-    raise EvaluationError(f"{bench.name} sample {rgb_rel}: prediction missing; looked for "
-                          + ", ".join(str(pred_dir / c) for c in cands))
-
-
-def read_prediction_file(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix.lower() == ".png":
-        return decode_png_unit(path.read_bytes())
-    raise EvaluationError(f"{path}: unsupported prediction format (expected .npy or .png)")
-
-
-def _read_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str, gt_rel: Optional[str] = None) -> np.ndarray:
-    path = find_prediction(pred_dir, bench, rgb_rel, gt_rel)
-    try:
-        return read_prediction_file(path)
-    except EvaluationError:
-        raise
-    except Exception as e:  # a truncated .npy, a pickled object array, a file that is not a PNG
-        raise EvaluationError(f"{bench.name} sample {rgb_rel}: cannot read prediction {path} "
-                              f"({type(e).__name__}: {e})") from e
-
-
-def conform_prediction(arr: Any, task: str, shape_hw: Sequence[int], what: str) -> np.ndarray:
-    """Bring a raw prediction to the task's layout at the GT resolution, or raise naming ``what``.
-
-    depth HxW float32 | normals HxWx3 float32 | alpha / mask HxW float64. Nothing is resized."""
-    if isinstance(arr, torch.Tensor):
-        arr = arr.detach().float().cpu().numpy()
-    a = np.asarray(arr)
-    if a.dtype == bool:
-        a = a.astype(np.float32)
-    if not np.issubdtype(a.dtype, np.number):
-        raise EvaluationError(f"{what}: prediction has non-numeric dtype {a.dtype}")
-    h, w = int(shape_hw[0]), int(shape_hw[1])
-    shape = a.shape
-    if task == "normal":
-        if a.shape == (h, w, 3):
-            pass
-        elif a.shape == (3, h, w):
-            a = a.transpose(1, 2, 0)
-        elif a.shape == (1, 3, h, w):
-            a = a[0].transpose(1, 2, 0)
-        else:
-            raise EvaluationError(f"{what}: prediction has shape {shape}, expected ({h}, {w}, 3) or (3, {h}, {w})")
-        return np.ascontiguousarray(a, dtype=np.float32)
-    if a.ndim == 3 and a.shape[0] == 1:
-        a = a[0]
-    elif a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    elif a.ndim == 3 and a.shape[-1] == 3 and task != "depth":
-        a = a.astype(np.float64).mean(-1)
-    if a.shape != (h, w):
-        raise EvaluationError(f"{what}: prediction has shape {shape}, expected ({h}, {w}) "
-                              f"(predictions must be at GT resolution; they are never resized)")
-    return np.ascontiguousarray(a, dtype=np.float32 if task == "depth" else np.float64)
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-task scoring
-# ----------------------------------------------------------------------------------------------
-
-class Scorer:
-    keys: Sequence[str] = ()
-    extra_columns: Sequence[str] = ()
-
-    def __init__(self, bench: Benchmark, device: torch.device) -> None:
-        self.bench, self.device = bench, device
-
-    def score(self, pred: np.ndarray, sample: BenchmarkSample) -> Dict[str, float]:
-        raise NotImplementedError
-
-    def score_and_pool(self, pred: np.ndarray, sample: BenchmarkSample) -> Tuple[Dict[str, float], Any]:
-        """The sample's row and what :meth:`summarize` pools over the set besides the rows (None: nothing)."""
-        return self.score(pred, sample), None
-
-    def summarize(self, rows: List[Dict[str, float]], pooled: Sequence[Any] = ()) -> Dict[str, float]:
-        """The set's numbers from its rows and pooled parts, both in dataset order."""
-        return M.mean_over_samples(rows, self.keys)
-
-    def protocol(self) -> Dict[str, Any]:
-        return {"aggregation": "mean over images (equal weight)"}
-
-
-class DepthScorer(Scorer):
-    keys = M.DEPTH_METRICS
-    extra_columns = ("scale", "shift")
-
-    def __init__(self, bench: DepthBenchmark, device, alignment: Optional[str] = None,
-                 alignment_max_res: Any = PROTOCOL) -> None:
-        super().__init__(bench, device)
-        self.alignment = alignment or bench.alignment
-        if self.alignment not in M.ALIGNMENTS:
-            raise ValueError(f"unknown alignment {self.alignment!r}; expected one of {M.ALIGNMENTS}")
-        self.max_res = bench.alignment_max_res if alignment_max_res == PROTOCOL else (alignment_max_res or None)
-
-    def score(self, pred, sample):
-        p = torch.from_numpy(pred).to(self.device)
-        g = torch.from_numpy(sample.gt).to(self.device)
-        m = torch.from_numpy(sample.valid).to(self.device)
-        aligned, s, b = M.align_depth(p, g, m, self.alignment, self.max_res,
-                                      self.bench.min_depth, self.bench.max_depth)
-        row = {k: float(v) for k, v in M.depth_metrics(aligned, g, m).items()}
-        row.update(scale=s, shift=b)
-        return row
-
-    def protocol(self):
-        return {**super().protocol(), "alignment": self.alignment, "alignment_max_res": self.max_res,
-                "clip": [self.bench.min_depth, self.bench.max_depth]}
-
-
-class NormalScorer(Scorer):
-    keys = M.NORMAL_METRICS
-
-    def __init__(self, bench, device, pooling: str = "image") -> None:
-        super().__init__(bench, device)
-        if pooling not in ("image", "pixel"):
-            raise ValueError(f"unknown pooling {pooling!r}; expected 'image' or 'pixel'")
-        self.pooling = pooling
-
-    def score_and_pool(self, pred, sample):
-        e = M.angular_errors(torch.from_numpy(pred).to(self.device),
-                             torch.from_numpy(sample.gt).to(self.device),
-                             torch.from_numpy(sample.valid).to(self.device)).cpu().numpy()
-        return M.normal_metrics_from_errors(e, decimals=4), (e if self.pooling == "pixel" else None)
-
-    def score(self, pred, sample):
-        return self.score_and_pool(pred, sample)[0]
-
-    def summarize(self, rows, pooled=()):
-        if self.pooling == "image":
-            return super().summarize(rows)
-        return M.normal_metrics_from_errors(np.concatenate(list(pooled)), decimals=None)
-
-    def protocol(self):
-        agg = ("per image (values rounded to 4 decimals), mean over images (Marigold)" if self.pooling == "image"
-               else "all valid pixels of the dataset pooled (DSINE)")
-        return {"pooling": self.pooling, "aggregation": agg, "units": "degrees; thresholds in %"}
-
-
-class MattingScorer(Scorer):
-    keys = M.MATTING_METRICS + M.MATTING_TRIMAP_METRICS
-
-    def score(self, pred, sample):
-        return M.matting_metrics(pred, sample.gt, sample.trimap)
-
-    def protocol(self):
-        return {**super().protocol(), "units": "SAD and Conn /1000, Grad /10, MSE and MAD raw fractions"}
-
-
-class SegmentationScorer(Scorer):
-    keys = M.SEGMENTATION_METRICS
-
-    def score(self, pred, sample):
-        return M.segmentation_metrics(torch.from_numpy(pred).to(self.device),
-                                      torch.from_numpy(sample.gt).to(self.device))
-
-
-def make_scorer(bench: Benchmark, device, alignment=None, alignment_max_res=PROTOCOL, pooling="image") -> Scorer:
-    if bench.task == "depth":
-        return DepthScorer(bench, device, alignment, alignment_max_res)  # type: ignore[arg-type]
-    if bench.task == "normal":
-        return NormalScorer(bench, device, pooling)
-    if bench.task == "matting":
-        return MattingScorer(bench, device)
-    return SegmentationScorer(bench, device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint mode
-# ----------------------------------------------------------------------------------------------
 
 EVAL_RESIZE_MODE = "squash"  # the paper's protocol: the authors' square network input (see load_predictor)
 
@@ -486,7 +234,7 @@ def evaluate_benchmark(
                 raw = []
                 for i, s in samples:
                     try:
-                        raw.append(_read_prediction(pred_dir, bench, s.name, gt_of.get(s.name)))
+                        raw.append(read_prediction(pred_dir, bench, s.name, gt_of.get(s.name)))
                     except EvaluationError as e:
                         skip_or_raise(i, s.name, e)
                         raw.append(None)
@@ -563,7 +311,7 @@ def evaluate_benchmark(
                 w.writeheader()
                 w.writerows(rows)
             with open(out_dir / "summary.json", "w") as f:
-                json.dump(_jsonable(summary), f, indent=2)
+                json.dump(jsonable(summary), f, indent=2)
         return summary
 
     out_dir = Path(output) if output is not None else None
@@ -602,109 +350,6 @@ def share_output(output: Path, shard: Shard) -> Path:
     """Where a process of a run without a rendezvous (RANK / WORLD_SIZE only) writes its share's results."""
     return output / f"rank{shard.rank}_of_{shard.world_size}"
 
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
-
-
-# ----------------------------------------------------------------------------------------------
-# Tables
-# ----------------------------------------------------------------------------------------------
-
-# (metric key, column title, scale) per task; the paper's columns first.
-TABLE_COLUMNS = {
-    "depth": [("abs_rel", "AbsRel↓", 1), ("delta1", "δ1↑", 1), ("delta2", "δ2↑", 1), ("delta3", "δ3↑", 1),
-              ("sq_rel", "SqRel↓", 1), ("rmse", "RMSE↓", 1), ("rmse_log", "RMSElog↓", 1),
-              ("log10", "log10↓", 1), ("i_rmse", "iRMSE↓", 1), ("silog", "SILog↓", 1)],
-    "normal": [("mean", "Mean↓", 1), ("median", "Med↓", 1), ("rmse", "RMSE↓", 1), ("a5", "5°↑", 1),
-               ("a7_5", "7.5°↑", 1), ("a11_25", "11.25°↑", 1), ("a22_5", "22.5°↑", 1), ("a30", "30°↑", 1)],
-    "matting": [("sad", "SAD↓", 1), ("mad", "MAD↓", 1), ("mse", "MSE↓", 1), ("conn", "CONN↓", 1),
-                ("grad", "Grad↓", 1)],
-    "segmentation": [("iou", "IoU↑", 1), ("pixel_acc", "PA↑", 1), ("dice", "Dice↑", 1)],
-}
-UNITS_NOTE = {
-    "depth": "AbsRel and δ as fractions, as in the paper's Table 1 (Marigold prints them ×100); "
-             "RMSE in m, iRMSE in 1/m, SILog ×100",
-    "normal": "angles in degrees, thresholds in % (the paper's Table 2 prints Mean/100 and 11.25° as a fraction)",
-    "matting": "SAD and CONN ÷1000, MAD and MSE raw fractions, Grad ÷10, as P3M and the paper's Table 3",
-    "segmentation": "fractions, per-image mean, as in the paper's Tables 4 and 10-29",
-}
-GROUP_COLUMNS = {
-    "all_depth": [("abs_rel", "AbsRel↓"), ("delta1", "δ1↑")],
-    "all_normal": [("mean", "Mean↓"), ("median", "Med↓"), ("a11_25", "11.25°↑"), ("a22_5", "22.5°↑"),
-                   ("a30", "30°↑")],
-}
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    v = float(v)
-    if v != 0 and abs(v) < 1e-3 or abs(v) >= 1e5:
-        return f"{v:.3e}"
-    return f"{v:.4f}" if abs(v) <= 1 else f"{v:.3f}" if abs(v) < 100 else f"{v:.2f}"
-
-
-def _render(header: List[List[str]], rows: List[List[str]]) -> str:
-    all_rows = header + rows
-    widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([*(line(h) for h in header), sep, *(line(r) for r in rows)])
-
-
-def format_table(summaries: Sequence[Dict[str, Any]]) -> str:
-    """One row per summary (all of one task) with the task's columns."""
-    task = summaries[0]["task"]
-    cols = TABLE_COLUMNS[task]
-    head = ["Dataset", "N"] + [c[1] for c in cols]
-    if task == "segmentation":
-        head.append("Avg↑")
-    rows = []
-    for s in summaries:
-        row = [BENCHMARKS[s["dataset"]].title, str(s["num_samples"])] + [_fmt(s.get(k)) for k, _, _ in cols]
-        if task == "segmentation":
-            row.append(_fmt(sum(s[k] for k, _, _ in cols) / len(cols)))
-        rows.append(row)
-    return f"[{UNITS_NOTE[task]}]\n" + _render([head], rows)
-
-
-def format_group_table(group: str, summaries: Dict[str, Dict[str, Any]], label: str) -> str:
-    """The paper's Table 1 / Table 2 layout: one column group per dataset, one row for the method."""
-    names = GROUPS[group]
-    cols = GROUP_COLUMNS[group]
-    top, sub, vals = ["Method"], [""], [label]
-    for name in names:
-        title = BENCHMARKS[name].title
-        n = summaries[name]["num_samples"] if name in summaries else 0
-        for j, (key, ctitle) in enumerate(cols):
-            top.append(f"{title} (N={n})" if j == 0 and name in summaries else (title if j == 0 else ""))
-            sub.append(ctitle)
-            vals.append(_fmt(summaries[name].get(key)) if name in summaries else "-")
-    task = "depth" if group == "all_depth" else "normal"
-    return f"[{UNITS_NOTE[task]}]\n" + _render([top, sub], [vals])
-
-
-def report_skipped(summary: Dict[str, Any], print_fn=print) -> None:
-    """Name every sample --allow_invalid left out, so a partial average is never mistaken for a full one."""
-    skipped = summary.get("skipped_invalid", {}).get("samples", {})
-    for reason in skipped.values():
-        print_fn(f"skipped: {reason}")
-    nonfinite = summary.get("invalid", {}).get("samples_with_nonfinite", 0)
-    if skipped or nonfinite:
-        print_fn(f"{summary['dataset']}: {len(skipped)} samples skipped as invalid, {nonfinite} with non-finite "
-                 f"values scored as 0; averages over {summary['num_samples']} samples (details in summary.json)")
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry point used by evaluate.py
-# ----------------------------------------------------------------------------------------------
 
 def run(
     dataset: str,

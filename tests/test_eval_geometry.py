@@ -13,7 +13,8 @@ import evaluate
 import infer
 from d3 import metrics as M
 from d3.data import benchmarks as B
-from d3.evaluation import EvaluationError, prediction_candidates, run
+from d3.evaluation import run
+from d3.prediction_files import EvaluationError, prediction_candidates
 from d3.checkpoint import RESIZE_MODES
 from d3.predictor import D3Predictor
 from tests import benchmark_fixtures as F

@@ -12,7 +12,8 @@ from PIL import Image
 import evaluate
 from d3 import metrics as M
 from d3.data import benchmarks as B
-from d3.evaluation import EvaluationError, marigold_pred_name, run
+from d3.evaluation import run
+from d3.prediction_files import EvaluationError, marigold_pred_name
 from tests import benchmark_fixtures as F
 
 ETH3D_KW = {"depth_shape": F.ETH3D_SHAPE}
