@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
 from d3 import flags
 from d3.data.benchmarks import BENCHMARKS, GROUPS
@@ -99,7 +98,7 @@ def validate_args(args: argparse.Namespace) -> None:
     flags.model_source("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "folder")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

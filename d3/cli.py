@@ -16,7 +16,7 @@ imported only when their command runs, so ``d3-tiny --help`` does not pay for lo
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _argv(argv: Sequence[str] | None) -> list[str] | None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from d3.data.benchmarks import BENCHMARKS, GROUPS
 
@@ -57,7 +58,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if abs(v) <= 1 else f"{v:.3f}" if abs(v) < 100 else f"{v:.2f}"
 
 
-def _render(header: List[List[str]], rows: List[List[str]]) -> str:
+def _render(header: list[list[str]], rows: list[list[str]]) -> str:
     all_rows = header + rows
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -65,7 +66,7 @@ def _render(header: List[List[str]], rows: List[List[str]]) -> str:
     return "\n".join([*(line(h) for h in header), sep, *(line(r) for r in rows)])
 
 
-def format_table(summaries: Sequence[Dict[str, Any]]) -> str:
+def format_table(summaries: Sequence[dict[str, Any]]) -> str:
     """One row per summary (all of one task) with the task's columns."""
     task = summaries[0]["task"]
     cols = TABLE_COLUMNS[task]
@@ -81,7 +82,7 @@ def format_table(summaries: Sequence[Dict[str, Any]]) -> str:
     return f"[{UNITS_NOTE[task]}]\n" + _render([head], rows)
 
 
-def format_group_table(group: str, summaries: Dict[str, Dict[str, Any]], label: str) -> str:
+def format_group_table(group: str, summaries: dict[str, dict[str, Any]], label: str) -> str:
     """The paper's Table 1 / Table 2 layout: one column group per dataset, one row for the method."""
     names = GROUPS[group]
     cols = GROUP_COLUMNS[group]
@@ -97,7 +98,7 @@ def format_group_table(group: str, summaries: Dict[str, Dict[str, Any]], label: 
     return f"[{UNITS_NOTE[task]}]\n" + _render([top, sub], [vals])
 
 
-def report_skipped(summary: Dict[str, Any], print_fn=print) -> None:
+def report_skipped(summary: dict[str, Any], print_fn=print) -> None:
     """Name every sample --allow_invalid left out, so a partial average is never mistaken for a full one."""
     skipped = summary.get("skipped_invalid", {}).get("samples", {})
     for reason in skipped.values():

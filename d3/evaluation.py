@@ -17,9 +17,10 @@ import csv
 import json
 import os
 import traceback
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,8 +35,8 @@ from d3.sharding import RankZeroFailed, Shard
 EVAL_RESIZE_MODE = "squash"  # the paper's protocol: the authors' square network input (see load_predictor)
 
 
-def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_or_path: Optional[str] = None,
-                   official_preprocess: bool = False, resize_mode: Optional[str] = None):
+def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_or_path: str | None = None,
+                   official_preprocess: bool = False, resize_mode: str | None = None):
     """A d3 folder (or its hub id) or the authors' .pth, which needs the SD 2.1 base for its VAE and prompt.
 
     Set up for the paper's protocol by default: ``resize_mode`` (default ``squash``) replaces the checkpoint's own.
@@ -47,7 +48,9 @@ def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_
     import dataclasses
 
     from d3.checkpoint import RESIZE_MODES
-    from d3.loading import load_predictor as load  # only the --checkpoint path needs the model code
+    from d3.loading import (
+        load_predictor as load,  # only the --checkpoint path needs the model code
+    )
 
     mode = resize_mode or EVAL_RESIZE_MODE
     if mode not in RESIZE_MODES:
@@ -60,13 +63,13 @@ def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_
     return predictor
 
 
-def predictor_resize_mode(predictor) -> Optional[str]:
+def predictor_resize_mode(predictor) -> str | None:
     config = getattr(predictor, "config", None)
     mode = config.get("resize_mode") if isinstance(config, dict) else getattr(config, "resize_mode", None)
     return mode if mode is not None else getattr(predictor, "resize_mode", None)
 
 
-def describe_geometry(resize_mode: Optional[str], processing_res: Optional[int]) -> str:
+def describe_geometry(resize_mode: str | None, processing_res: int | None) -> str:
     """summary.json's words for the network input geometry of --checkpoint."""
     if not processing_res:
         return "native resolution (padded to the network's size multiple), no resizing"
@@ -79,7 +82,7 @@ def describe_geometry(resize_mode: Optional[str], processing_res: Optional[int])
     return f"the predictor's own at processing resolution {processing_res}"
 
 
-def predictor_default_res(predictor) -> Optional[int]:
+def predictor_default_res(predictor) -> int | None:
     for obj in (predictor, getattr(predictor, "config", None)):
         if obj is None:
             continue
@@ -89,7 +92,7 @@ def predictor_default_res(predictor) -> Optional[int]:
     return None
 
 
-def _as_list(out: Any, n: int) -> List[Any]:
+def _as_list(out: Any, n: int) -> list[Any]:
     """The predictor's output for n images as n items: a list, or an array batched on dim 0."""
     if isinstance(out, (list, tuple)):
         items = list(out)
@@ -146,9 +149,9 @@ class SampleRecord:
     scores its share and sends these to rank 0, which aggregates them in dataset order as one process does."""
     index: int  # position in the benchmark's fixed order
     name: str
-    row: Optional[Dict[str, Any]] = None  # per_sample.csv's row; None: not scored
+    row: dict[str, Any] | None = None  # per_sample.csv's row; None: not scored
     pooled: Any = None  # what the scorer pools over the set besides the rows (--pooling pixel: angular errors)
-    skipped: Optional[str] = None  # why it could not be scored (--allow_invalid)
+    skipped: str | None = None  # why it could not be scored (--allow_invalid)
     empty_mask: bool = False  # no valid GT pixel (--allow_invalid)
     nonfinite: int = 0  # non-finite prediction values scored as 0 (--allow_invalid)
 
@@ -160,22 +163,22 @@ class ShardFailed(EvaluationError):
 def evaluate_benchmark(
     bench: Benchmark,
     *,
-    predictions: Optional[os.PathLike] = None,
+    predictions: os.PathLike | None = None,
     predictor: Any = None,
-    checkpoint: Optional[str] = None,
-    output: Optional[os.PathLike] = None,
-    alignment: Optional[str] = None,
+    checkpoint: str | None = None,
+    output: os.PathLike | None = None,
+    alignment: str | None = None,
     alignment_max_res: Any = PROTOCOL,
     pooling: str = "image",
-    processing_res: Optional[int] = None,
+    processing_res: int | None = None,
     device: Any = "auto",
     allow_invalid: bool = False,
-    save_predictions: Optional[os.PathLike] = None,
+    save_predictions: os.PathLike | None = None,
     batch_size: int = 1,
     progress: bool = True,
-    resize_mode: Optional[str] = None,
-    shard: Optional[Shard] = None,
-) -> Optional[Dict[str, Any]]:
+    resize_mode: str | None = None,
+    shard: Shard | None = None,
+) -> dict[str, Any] | None:
     """Score one benchmark; returns the summary (also written to ``output/summary.json``).
 
     ``resize_mode`` is given to the predictor's ``predict`` (None: the predictor's own, e.g. what
@@ -200,12 +203,12 @@ def evaluate_benchmark(
     gt_of = {e.rgb: e.gt for e in bench.entries} if pred_dir is not None else {}
     owned = [i for i in range(len(bench)) if shard.owns(i)]
 
-    def score_share() -> List[SampleRecord]:
+    def score_share() -> list[SampleRecord]:
         """This process's records, in dataset order; the first unusable sample raises, unless allow_invalid."""
         from tqdm.auto import tqdm
 
         invalid = InvalidCounter(allow_invalid)
-        records: List[SampleRecord] = []
+        records: list[SampleRecord] = []
         desc = f"Evaluating {bench.name}" + (f" (rank 0 of {shard.world_size})" if shard.sharded else "")
         bar = tqdm(total=len(owned), desc=desc, disable=not (progress and shard.is_main), dynamic_ncols=True)
 
@@ -267,14 +270,14 @@ def evaluate_benchmark(
         bar.close()
         return records
 
-    def finish(records: List[SampleRecord], out_dir: Optional[Path]) -> Dict[str, Any]:
+    def finish(records: list[SampleRecord], out_dir: Path | None) -> dict[str, Any]:
         """The set's summary from every record, in dataset order (as one process makes them), and its files."""
         records = sorted(records, key=lambda r: r.index)
         scored = [r for r in records if r.row is not None]
         if not scored:
             raise EvaluationError(f"{bench.name}: no sample could be scored")
         rows = [r.row for r in scored]
-        summary: Dict[str, Any] = {"dataset": bench.name, "task": bench.task, "num_samples": len(rows)}
+        summary: dict[str, Any] = {"dataset": bench.name, "task": bench.task, "num_samples": len(rows)}
         summary.update(scorer.summarize(rows, [r.pooled for r in scored]))
         proto = {**bench.protocol(), **scorer.protocol()}
         if predictor is not None:
@@ -321,16 +324,16 @@ def evaluate_benchmark(
         return finish(score_share(), out_dir)
 
     # torchrun / accelerate launch: every process reaches the gather, with its records or with why it stopped.
-    failure: Optional[str] = None
+    failure: str | None = None
     try:
         records = score_share()
     except Exception as e:  # noqa: BLE001 - sent to rank 0, which reports it; then every process fails
         if not isinstance(e, (EvaluationError, ValueError, OSError)):
             traceback.print_exc()
         records, failure = [], f"rank {shard.rank} of {shard.world_size}: {e}"
-    result: Dict[str, Any] = {}
+    result: dict[str, Any] = {}
 
-    def on_rank0(shares: List[Tuple[Optional[str], List[SampleRecord]]]) -> Optional[str]:
+    def on_rank0(shares: list[tuple[str | None, list[SampleRecord]]]) -> str | None:
         failures = [f for f, _ in shares if f is not None]
         if failures:
             return "; ".join(failures)
@@ -355,16 +358,16 @@ def run(
     dataset: str,
     data_root: os.PathLike,
     *,
-    checkpoint: Optional[str] = None,
-    predictions: Optional[os.PathLike] = None,
+    checkpoint: str | None = None,
+    predictions: os.PathLike | None = None,
     predictor: Any = None,
-    output: Optional[os.PathLike] = None,
-    split: Optional[os.PathLike] = None,
-    reader_kwargs: Optional[Dict[str, Any]] = None,
+    output: os.PathLike | None = None,
+    split: os.PathLike | None = None,
+    reader_kwargs: dict[str, Any] | None = None,
     print_fn=print,
-    shard: Optional[Shard] = None,
+    shard: Shard | None = None,
     **kwargs,
-) -> Dict[str, Dict[str, Any]]:
+) -> dict[str, dict[str, Any]]:
     """Evaluate one dataset or a group (``all_depth`` / ``all_normal``); print the table; return
     {dataset name: summary}. ``predictor`` may be passed instead of loading ``checkpoint``.
     ``reader_kwargs`` go to the reader (for a group: ``{dataset name: kwargs}``); the other keyword
@@ -405,7 +408,7 @@ def run(
                            print_fn=print_fn, device=device, **kwargs)
 
 
-def _agree(shard: Shard, failure: Optional[str]) -> None:
+def _agree(shard: Shard, failure: str | None) -> None:
     """Every process of a run with a rendezvous raises if any one had a `failure` (rank 0 with every reason)."""
     try:
         failed = shard.collect(failure, lambda everyone: "; ".join(f for f in everyone if f is not None) or None)
@@ -416,7 +419,7 @@ def _agree(shard: Shard, failure: Optional[str]) -> None:
 
 
 def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint, predictions, predictor, output,
-                split, reader_kwargs, print_fn, device, **kwargs) -> Dict[str, Dict[str, Any]]:
+                split, reader_kwargs, print_fn, device, **kwargs) -> dict[str, dict[str, Any]]:
     label = str(checkpoint) if checkpoint is not None else str(predictions)
     save = kwargs.pop("save_predictions", None)
     if gathered and not shard.is_main:
@@ -430,7 +433,7 @@ def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint,
     if dataset in GROUPS:
         if split is not None:
             raise ValueError("--split applies to a single dataset, not to " + dataset)
-        summaries: Dict[str, Dict[str, Any]] = {}
+        summaries: dict[str, dict[str, Any]] = {}
         for name in GROUPS[dataset]:
             cls = BENCHMARKS[name]
             loc = cls.present_in(data_root)

@@ -19,7 +19,8 @@ matting stays on NumPy/SciPy because P3M's Grad and Conn are defined by SciPy's 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import torch
@@ -29,18 +30,18 @@ from .flags import ALIGNMENTS  # noqa: F401  (evaluate.py's --alignment choices)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-DEPTH_METRICS: Tuple[str, ...] = (
+DEPTH_METRICS: tuple[str, ...] = (
     "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "i_rmse", "silog",
 )
-NORMAL_METRICS: Tuple[str, ...] = ("mean", "median", "rmse", "a5", "a7_5", "a11_25", "a22_5", "a30")
-NORMAL_THRESHOLDS: Dict[str, float] = {"a5": 5.0, "a7_5": 7.5, "a11_25": 11.25, "a22_5": 22.5, "a30": 30.0}
-MATTING_METRICS: Tuple[str, ...] = ("sad", "mse", "mad", "grad", "conn")
-MATTING_TRIMAP_METRICS: Tuple[str, ...] = ("sad_trimap", "mse_trimap", "mad_trimap", "sad_fg", "sad_bg")
-SEGMENTATION_METRICS: Tuple[str, ...] = ("iou", "pixel_acc", "dice")
+NORMAL_METRICS: tuple[str, ...] = ("mean", "median", "rmse", "a5", "a7_5", "a11_25", "a22_5", "a30")
+NORMAL_THRESHOLDS: dict[str, float] = {"a5": 5.0, "a7_5": 7.5, "a11_25": 11.25, "a22_5": 22.5, "a30": 30.0}
+MATTING_METRICS: tuple[str, ...] = ("sad", "mse", "mad", "grad", "conn")
+MATTING_TRIMAP_METRICS: tuple[str, ...] = ("sad_trimap", "mse_trimap", "mad_trimap", "sad_fg", "sad_bg")
+SEGMENTATION_METRICS: tuple[str, ...] = ("iou", "pixel_acc", "dice")
 
 
-def as_tensor(x: ArrayLike, device: Optional[Union[str, torch.device]] = None,
-              dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def as_tensor(x: ArrayLike, device: str | torch.device | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
     """NumPy or torch in, torch out (no copy when nothing changes)."""
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     return t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
@@ -50,7 +51,7 @@ def as_tensor(x: ArrayLike, device: Optional[Union[str, torch.device]] = None,
 # Depth: alignment (docs/protocols.md, "Depth metrics", steps 1-2)
 # ----------------------------------------------------------------------------------------------
 
-def marigold_max_res_columns(height: int, width: int, max_res: Optional[int]) -> Optional[torch.Tensor]:
+def marigold_max_res_columns(height: int, width: int, max_res: int | None) -> torch.Tensor | None:
     """Column indices kept by Marigold's ``alignment_max_res`` subsampling, or None if no-op.
 
     Marigold passes [1, H, W] arrays through ``torch.nn.Upsample(scale_factor=f, mode="nearest")``
@@ -67,7 +68,7 @@ def marigold_max_res_columns(height: int, width: int, max_res: Optional[int]) ->
     return F.interpolate(ramp, scale_factor=f, mode="nearest").view(-1).long()
 
 
-def lstsq_scale_shift(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
+def lstsq_scale_shift(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     """argmin_{s,b} sum_M (s*pred + b - gt)^2 in float64, like ``numpy.linalg.lstsq``.
 
     Closed form on centred sums; a constant prediction gets lstsq's minimum-norm solution.
@@ -88,7 +89,7 @@ def lstsq_scale_shift(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) 
 
 
 def align_least_squares(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike,
-                        max_res: Optional[int] = None) -> Tuple[torch.Tensor, float, float]:
+                        max_res: int | None = None) -> tuple[torch.Tensor, float, float]:
     """Marigold's ``align_depth_least_square``: fit on (optionally subsampled) masked pixels,
     apply to the full-resolution prediction. s, b are rounded to the prediction's dtype
     (lstsq returns float32 for float32 input) and applied in that dtype.
@@ -114,8 +115,8 @@ def depth_to_disparity(depth: torch.Tensor) -> torch.Tensor:
 
 
 def align_depth(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike, alignment: str = "least_square",
-                max_res: Optional[int] = None, min_depth: float = 1e-6, max_depth: float = math.inf,
-                ) -> Tuple[torch.Tensor, float, float]:
+                max_res: int | None = None, min_depth: float = 1e-6, max_depth: float = math.inf,
+                ) -> tuple[torch.Tensor, float, float]:
     """Steps 1-3 of docs/protocols.md, "Depth metrics": align, then clip to [min_depth, max_depth], then to >= 1e-6.
 
     ``least_square_disparity``: GT -> disparity, mask &= gt > 0 & pred > 0, fit the prediction
@@ -142,7 +143,7 @@ def align_depth(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike, alignment: str 
 # Depth: metrics (docs/protocols.md, "Depth metrics", step 4)
 # ----------------------------------------------------------------------------------------------
 
-def depth_metrics(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike) -> Dict[str, torch.Tensor]:
+def depth_metrics(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike) -> dict[str, torch.Tensor]:
     """The ten Marigold depth metrics per image, over the last two axes ([..., H, W] in, [...] out).
 
     Invalid terms are zeroed and sums divided by the mask count, in the prediction's dtype.
@@ -186,7 +187,7 @@ def normal_valid_mask(gt: ArrayLike) -> torch.Tensor:
     return torch.linalg.vector_norm(as_tensor(gt).float(), dim=-1) > 0
 
 
-def angular_errors(pred: ArrayLike, gt: ArrayLike, mask: Optional[ArrayLike] = None) -> torch.Tensor:
+def angular_errors(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike | None = None) -> torch.Tensor:
     """Angles in degrees between prediction and GT at the valid pixels (1-D, float32).
 
     Both are HxWx3; as Marigold, channels-first [3, N] cosine similarity (eps 1e-8, so
@@ -200,7 +201,7 @@ def angular_errors(pred: ArrayLike, gt: ArrayLike, mask: Optional[ArrayLike] = N
     return torch.acos(cos) * 180.0 / np.pi
 
 
-def normal_metrics_from_errors(errors: ArrayLike, decimals: Optional[int] = 4) -> Dict[str, float]:
+def normal_metrics_from_errors(errors: ArrayLike, decimals: int | None = 4) -> dict[str, float]:
     """mean, median, rmse (degrees) and % of errors strictly below 5/7.5/11.25/22.5/30 degrees.
 
     NumPy on the float32 errors exactly as Marigold (np.average, np.median) and DSINE; Marigold
@@ -222,7 +223,7 @@ def normal_metrics_from_errors(errors: ArrayLike, decimals: Optional[int] = 4) -
     return {k: float(v) for k, v in vals.items()}
 
 
-def normal_metrics(pred: ArrayLike, gt: ArrayLike) -> Dict[str, float]:
+def normal_metrics(pred: ArrayLike, gt: ArrayLike) -> dict[str, float]:
     """Per-image Marigold-Normals metrics for one HxWx3 prediction / GT pair."""
     return normal_metrics_from_errors(angular_errors(pred, gt))
 
@@ -235,7 +236,7 @@ def _f64(x: ArrayLike) -> np.ndarray:
     return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64)
 
 
-def matting_sad_mse_mad(pred: ArrayLike, gt: ArrayLike) -> Tuple[float, float, float]:
+def matting_sad_mse_mad(pred: ArrayLike, gt: ArrayLike) -> tuple[float, float, float]:
     """Whole image: SAD = sum|P-A| / 1000, MSE = sum (P-A)^2 / HW, MAD = sum|P-A| / HW."""
     p, a = _f64(pred), _f64(gt)
     hw = p.shape[0] * p.shape[1]
@@ -243,7 +244,7 @@ def matting_sad_mse_mad(pred: ArrayLike, gt: ArrayLike) -> Tuple[float, float, f
     return float(abs_sum / 1000), float(np.sum((p - a) ** 2) / hw), float(abs_sum / hw)
 
 
-def matting_trimap_metrics(pred: ArrayLike, gt: ArrayLike, trimap: ArrayLike) -> Dict[str, float]:
+def matting_trimap_metrics(pred: ArrayLike, gt: ArrayLike, trimap: ArrayLike) -> dict[str, float]:
     """P3M's trimap variants: P is forced to 1 on trimap 255 and to 0 on trimap 0; SAD_T over
     the whole modified image /1000, MSE_T and MAD_T divided by #(trimap == 128); SAD_FG / SAD_BG
     = sum |P-A| of the *unmodified* prediction over trimap 255 / 0, /1000."""
@@ -282,7 +283,7 @@ def matting_grad(pred: ArrayLike, gt: ArrayLike) -> float:
     return float(np.sum(np.square(magnitude(_f64(pred)) - magnitude(_f64(gt)))) / 10)
 
 
-def largest_component(binary: np.ndarray) -> Optional[np.ndarray]:
+def largest_component(binary: np.ndarray) -> np.ndarray | None:
     """Largest 4-connected component of a boolean image (ties: first in raster order)."""
     from scipy import ndimage
 
@@ -312,7 +313,7 @@ def matting_conn(pred: ArrayLike, gt: ArrayLike, step: float = 0.1) -> float:
     return float(np.sum(np.abs(phi_p - phi_a)) / 1000)
 
 
-def matting_metrics(pred: ArrayLike, gt: ArrayLike, trimap: Optional[ArrayLike] = None) -> Dict[str, float]:
+def matting_metrics(pred: ArrayLike, gt: ArrayLike, trimap: ArrayLike | None = None) -> dict[str, float]:
     """All P3M metrics for one alpha pair (float, [0, 1], original resolution)."""
     sad, mse, mad = matting_sad_mse_mad(pred, gt)
     out = {"sad": sad, "mse": mse, "mad": mad, "grad": matting_grad(pred, gt), "conn": matting_conn(pred, gt)}
@@ -325,7 +326,7 @@ def matting_metrics(pred: ArrayLike, gt: ArrayLike, trimap: Optional[ArrayLike] 
 # Segmentation (paper Tables 4, 10-29)
 # ----------------------------------------------------------------------------------------------
 
-def segmentation_metrics(pred: ArrayLike, gt: ArrayLike, threshold: float = 0.5) -> Dict[str, float]:
+def segmentation_metrics(pred: ArrayLike, gt: ArrayLike, threshold: float = 0.5) -> dict[str, float]:
     """Binary foreground metrics for one image.
 
     ``pred`` is a score map in [0, 1] (foreground = pred > threshold) or a boolean mask; ``gt``
@@ -347,7 +348,7 @@ def segmentation_metrics(pred: ArrayLike, gt: ArrayLike, threshold: float = 0.5)
     }
 
 
-def mean_over_samples(rows: Sequence[Dict[str, float]], keys: Sequence[str]) -> Dict[str, float]:
+def mean_over_samples(rows: Sequence[dict[str, float]], keys: Sequence[str]) -> dict[str, float]:
     """Equal-weight mean over images (Marigold's MetricTracker / P3M's sum / N)."""
     out = {}
     for k in keys:

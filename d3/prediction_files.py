@@ -19,8 +19,9 @@ x right, y up, z toward the camera. Alpha / masks: HxW ``.npy`` in [0, 1] or an 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,14 +54,14 @@ INFER_SUFFIXES = {"depth": ("_depth.npy",), "normal": ("_normal.npy",), "matting
 INFER_LOSSY_SUFFIXES = {"matting": ("_alpha.png",), "segmentation": ("_alpha.png",)}
 
 
-def prediction_candidates(bench: Benchmark, rgb_rel: str) -> List[str]:
+def prediction_candidates(bench: Benchmark, rgb_rel: str) -> list[str]:
     """Relative paths under the prediction folder, in lookup order: infer.py's lossless file, the plain names,
     Marigold's depth naming, then (matting / segmentation) infer.py's 8-bit alpha; matting and segmentation also
     flat (by image stem) after the mirrored paths."""
     p = PurePosixPath(rgb_rel)
     exts = (".npy", ".png") if bench.task in ("matting", "segmentation") else (".npy",)
 
-    def names(stem: str) -> List[str]:
+    def names(stem: str) -> list[str]:
         return ([stem + s for s in INFER_SUFFIXES[bench.task]] + [stem + e for e in exts]
                 + [stem + s for s in INFER_LOSSY_SUFFIXES.get(bench.task, ())])
 
@@ -72,7 +73,7 @@ def prediction_candidates(bench: Benchmark, rgb_rel: str) -> List[str]:
     return list(dict.fromkeys(x[2:] if x.startswith("./") else x for x in out))
 
 
-def find_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str, gt_rel: Optional[str] = None) -> Path:
+def find_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str, gt_rel: str | None = None) -> Path:
     """The first candidate present. A candidate that is the sample's own GT file (``--predictions`` pointed at the
     data folder, where DIODE's ``X_depth.npy`` and the normal sets' ``X_normal.npy`` are GT) is an error."""
     cands = prediction_candidates(bench, rgb_rel)
@@ -97,7 +98,7 @@ def read_prediction_file(path: Path) -> np.ndarray:
     raise EvaluationError(f"{path}: unsupported prediction format (expected .npy or .png)")
 
 
-def read_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str, gt_rel: Optional[str] = None) -> np.ndarray:
+def read_prediction(pred_dir: Path, bench: Benchmark, rgb_rel: str, gt_rel: str | None = None) -> np.ndarray:
     path = find_prediction(pred_dir, bench, rgb_rel, gt_rel)
     try:
         return read_prediction_file(path)

@@ -12,7 +12,6 @@ the previous batch's results are copied back, so the device never waits for Pyth
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,18 +21,18 @@ class Scorer:
     def __init__(self, bench: Benchmark, device: torch.device) -> None:
         self.bench, self.device = bench, device
 
-    def score(self, pred: np.ndarray, sample: BenchmarkSample) -> Dict[str, float]:
+    def score(self, pred: np.ndarray, sample: BenchmarkSample) -> dict[str, float]:
         raise NotImplementedError
 
-    def score_and_pool(self, pred: np.ndarray, sample: BenchmarkSample) -> Tuple[Dict[str, float], Any]:
+    def score_and_pool(self, pred: np.ndarray, sample: BenchmarkSample) -> tuple[dict[str, float], Any]:
         """The sample's row and what :meth:`summarize` pools over the set besides the rows (None: nothing)."""
         return self.score(pred, sample), None
 
-    def summarize(self, rows: List[Dict[str, float]], pooled: Sequence[Any] = ()) -> Dict[str, float]:
+    def summarize(self, rows: list[dict[str, float]], pooled: Sequence[Any] = ()) -> dict[str, float]:
         """The set's numbers from its rows and pooled parts, both in dataset order."""
         return M.mean_over_samples(rows, self.keys)
 
-    def protocol(self) -> Dict[str, Any]:
+    def protocol(self) -> dict[str, Any]:
         return {"aggregation": "mean over images (equal weight)"}
 
 
@@ -39,7 +40,7 @@ class DepthScorer(Scorer):
     keys = M.DEPTH_METRICS
     extra_columns = ("scale", "shift")
 
-    def __init__(self, bench: DepthBenchmark, device, alignment: Optional[str] = None,
+    def __init__(self, bench: DepthBenchmark, device, alignment: str | None = None,
                  alignment_max_res: Any = PROTOCOL) -> None:
         super().__init__(bench, device)
         self.alignment = alignment or bench.alignment

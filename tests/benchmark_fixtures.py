@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
-from typing import Dict, Tuple
 
 import numpy as np
 from PIL import Image
 
-Expected = Dict[str, Tuple[np.ndarray, np.ndarray]]
+Expected = dict[str, tuple[np.ndarray, np.ndarray]]
 ETH3D_SHAPE = (24, 36)
 
 
@@ -100,7 +99,7 @@ def write_kitti(root: Path) -> Expected:
     return {rgb_rel: (d, (d > 1e-5) & (d < 80) & box)}
 
 
-def write_eth3d(root: Path, shape: Tuple[int, int] = ETH3D_SHAPE) -> Expected:
+def write_eth3d(root: Path, shape: tuple[int, int] = ETH3D_SHAPE) -> Expected:
     h, w = shape
     scene = "courtyard"
     rgb_rel = f"rgb/{scene}/images/dslr_images/DSC_0286.JPG"
@@ -157,7 +156,7 @@ def write_diode(root: Path, normals: bool = False) -> Expected:
 # Normals
 # ----------------------------------------------------------------------------------------------
 
-def random_normals(shape: Tuple[int, int], seed: int, invalid_frac: float = 0.2) -> np.ndarray:
+def random_normals(shape: tuple[int, int], seed: int, invalid_frac: float = 0.2) -> np.ndarray:
     """Unit vectors facing the camera (z > 0), zero vectors where invalid; float32 HxWx3."""
     r = _rng(seed)
     n = r.normal(size=shape + (3,))

@@ -22,9 +22,10 @@ import os
 import re
 import tarfile
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -42,7 +43,7 @@ class Source:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def files(self) -> List[str]:
+    def files(self) -> list[str]:
         raise NotImplementedError
 
     def exists(self, rel: str) -> bool:
@@ -55,7 +56,7 @@ class Source:
         """Release what the source holds open (an archive); reading afterwards is an error."""
 
     @staticmethod
-    def open(path: Path) -> "Source":
+    def open(path: Path) -> Source:
         if path.is_file():
             if not tarfile.is_tarfile(path):
                 raise ValueError(f"{path}: expected a dataset folder or an uncompressed .tar archive")
@@ -66,9 +67,9 @@ class Source:
 class FolderSource(Source):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._files: Optional[List[str]] = None
+        self._files: list[str] | None = None
 
-    def files(self) -> List[str]:
+    def files(self) -> list[str]:
         if self._files is None:
             out = []
             for dirpath, dirnames, filenames in os.walk(self.path, followlinks=True):
@@ -98,13 +99,13 @@ class TarSource(Source):
         super().__init__(path)
         self._tar = tarfile.open(path, "r:*")  # distributed uncompressed; a compressed copy works, slowly
         self._closer = weakref.finalize(self, self._tar.close)  # runs once: at close() or at collection
-        self._members: Dict[str, tarfile.TarInfo] = {}
+        self._members: dict[str, tarfile.TarInfo] = {}
         for m in self._tar.getmembers():
             if m.isfile():
                 name = m.name[2:] if m.name.startswith("./") else m.name.lstrip("/")
                 self._members[name] = m
 
-    def files(self) -> List[str]:
+    def files(self) -> list[str]:
         return sorted(self._members)
 
     def exists(self, rel: str) -> bool:
@@ -168,14 +169,14 @@ class BenchmarkSample:
     rgb: np.ndarray                  # uint8 HxWx3, after the dataset's crop
     gt: np.ndarray                   # depth m (f32 HxW) | normals (f32 HxWx3) | alpha (f64 HxW) | mask (bool HxW)
     valid: np.ndarray                # bool HxW
-    trimap: Optional[np.ndarray] = None  # P3M only, uint8 {0, 128, 255}
+    trimap: np.ndarray | None = None  # P3M only, uint8 {0, 128, 255}
 
 
 @dataclass
 class Entry:
     rgb: str
     gt: str
-    extra: Optional[str] = None
+    extra: str | None = None
 
 
 class Benchmark:
@@ -184,12 +185,12 @@ class Benchmark:
     name: ClassVar[str]
     title: ClassVar[str]                       # column title in the paper's tables
     task: ClassVar[str]                        # depth | normal | matting | segmentation
-    default_paths: ClassVar[Tuple[str, ...]] = ()  # where the set lives under a base data dir
+    default_paths: ClassVar[tuple[str, ...]] = ()  # where the set lives under a base data dir
     layout: ClassVar[str] = ""                 # expected layout, for error messages
-    protocol_processing_res: ClassVar[Optional[int]] = None  # Marigold's inference setting
-    crop: ClassVar[Optional[str]] = None
+    protocol_processing_res: ClassVar[int | None] = None  # Marigold's inference setting
+    crop: ClassVar[str | None] = None
 
-    def __init__(self, root: os.PathLike, split: Optional[os.PathLike] = None) -> None:
+    def __init__(self, root: os.PathLike, split: os.PathLike | None = None) -> None:
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"{self.name}: data root {root} does not exist")
@@ -218,7 +219,7 @@ class Benchmark:
         return root
 
     @classmethod
-    def present_in(cls, base: Path) -> Optional[Path]:
+    def present_in(cls, base: Path) -> Path | None:
         """The usual location of this set under ``base`` if there is one (for --dataset all_*)."""
         for rel in cls.default_paths:
             if (base / rel).exists():
@@ -239,14 +240,14 @@ class Benchmark:
         except (OSError, ValueError) as e:
             raise type(e)(f"{self.name} sample {entry.rgb}: {e}") from e
 
-    def protocol(self) -> Dict[str, object]:
+    def protocol(self) -> dict[str, object]:
         return {"crop": self.crop, "protocol_processing_res": self.protocol_processing_res}
 
     # -- to implement ---------------------------------------------------------------------------
-    def _discover(self, files: Sequence[str]) -> List[Entry]:
+    def _discover(self, files: Sequence[str]) -> list[Entry]:
         raise NotImplementedError
 
-    def _parse_split(self, lines: List[List[str]]) -> List[Entry]:
+    def _parse_split(self, lines: list[list[str]]) -> list[Entry]:
         return [Entry(ln[0], ln[1] if len(ln) > 1 else "", ln[2] if len(ln) > 2 else None) for ln in lines]
 
     def _load(self, entry: Entry) -> BenchmarkSample:
@@ -258,7 +259,7 @@ class Benchmark:
 
 
 def _pair_by_regex(files: Sequence[str], pattern: str, gt_of: Callable[[re.Match], str],
-                   fileset: Optional[set] = None) -> Tuple[List[Entry], int]:
+                   fileset: set | None = None) -> tuple[list[Entry], int]:
     """Entries for every file matching ``pattern`` whose GT ``gt_of(match)`` exists."""
     rx = re.compile(pattern)
     fileset = fileset if fileset is not None else set(files)
@@ -283,7 +284,7 @@ class DepthBenchmark(Benchmark):
     min_depth: ClassVar[float]
     max_depth: ClassVar[float]
     alignment: ClassVar[str] = "least_square"
-    alignment_max_res: ClassVar[Optional[int]] = None
+    alignment_max_res: ClassVar[int | None] = None
     pred_name_mode: ClassVar[str] = "id"  # Marigold's DepthFileNameMode for the prediction names
     valid_mask_rule: ClassVar[str] = ""
 
@@ -293,7 +294,7 @@ class DepthBenchmark(Benchmark):
     def _crop(self, arr: np.ndarray) -> np.ndarray:
         return arr
 
-    def _eval_box(self, h: int, w: int) -> Optional[Tuple[slice, slice]]:
+    def _eval_box(self, h: int, w: int) -> tuple[slice, slice] | None:
         return None
 
     def _valid(self, depth: np.ndarray, entry: Entry) -> np.ndarray:
@@ -313,7 +314,7 @@ class DepthBenchmark(Benchmark):
             raise ValueError(f"GT {entry.gt} is {depth.shape}, RGB is {rgb.shape[:2]} (after cropping)")
         return BenchmarkSample(entry.rgb, rgb, depth, self._valid(depth, entry))
 
-    def protocol(self) -> Dict[str, object]:
+    def protocol(self) -> dict[str, object]:
         return {**super().protocol(), "min_depth": self.min_depth, "max_depth": self.max_depth,
                 "valid_mask": self.valid_mask_rule, "alignment": self.alignment,
                 "alignment_max_res": self.alignment_max_res}
@@ -403,7 +404,7 @@ class ETH3D(DepthBenchmark):
     valid_mask_rule = "d > 1e-5 (finite)"
     HEIGHT, WIDTH = 4032, 6048
 
-    def __init__(self, root, split=None, depth_shape: Optional[Tuple[int, int]] = (HEIGHT, WIDTH)) -> None:
+    def __init__(self, root, split=None, depth_shape: tuple[int, int] | None = (HEIGHT, WIDTH)) -> None:
         self.depth_shape = depth_shape
         super().__init__(root, split)
 
@@ -589,7 +590,7 @@ class _ImageFolderBenchmark(Benchmark):
     """``<image_dir>/<stem>.<ext>`` paired by stem with ``<gt_dir>/<stem>.png``; images listed
     without hidden files, sorted (P3M's ``listdir`` order, sorted)."""
 
-    image_dirs: ClassVar[Tuple[str, ...]]
+    image_dirs: ClassVar[tuple[str, ...]]
     gt_dir: ClassVar[str]
 
     def _image_dir(self, files: Sequence[str]) -> str:
@@ -598,7 +599,7 @@ class _ImageFolderBenchmark(Benchmark):
                 return d
         return self.image_dirs[0]
 
-    def _entry(self, rgb: str, fileset: set) -> Optional[Entry]:
+    def _entry(self, rgb: str, fileset: set) -> Entry | None:
         gt = f"{self.gt_dir}/{PurePosixPath(rgb).stem}.png"
         return Entry(rgb, gt) if gt in fileset else None
 
@@ -682,18 +683,18 @@ class SegmentationFolder(_ImageFolderBenchmark):
                 "aggregation": "per-image, mean over images"}
 
 
-BENCHMARKS: Dict[str, Type[Benchmark]] = {
+BENCHMARKS: dict[str, type[Benchmark]] = {
     cls.name: cls for cls in (NYUv2, KITTI, ETH3D, ScanNet, DIODE, SyntheticDepth,
                               NYUv2Normals, ScanNetNormals, IBims, DIODENormals, OASIS,
                               P3M500NP, SegmentationFolder)
 }
 # The column order of the paper's Tables 1 and 2.
-DEPTH_TABLE: Tuple[str, ...] = ("kitti", "nyu", "scannet", "diode", "eth3d")
-NORMAL_TABLE: Tuple[str, ...] = ("nyu_normal", "scannet_normal", "ibims", "diode_normal", "oasis")
-GROUPS: Dict[str, Tuple[str, ...]] = {"all_depth": DEPTH_TABLE, "all_normal": NORMAL_TABLE}
+DEPTH_TABLE: tuple[str, ...] = ("kitti", "nyu", "scannet", "diode", "eth3d")
+NORMAL_TABLE: tuple[str, ...] = ("nyu_normal", "scannet_normal", "ibims", "diode_normal", "oasis")
+GROUPS: dict[str, tuple[str, ...]] = {"all_depth": DEPTH_TABLE, "all_normal": NORMAL_TABLE}
 
 
-def get_benchmark(name: str, root: os.PathLike, split: Optional[os.PathLike] = None, **kwargs) -> Benchmark:
+def get_benchmark(name: str, root: os.PathLike, split: os.PathLike | None = None, **kwargs) -> Benchmark:
     """Reader for ``name`` (a key of :data:`BENCHMARKS`)."""
     try:
         cls = BENCHMARKS[name]

@@ -47,10 +47,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Union
 
 import numpy as np
 
@@ -139,7 +140,7 @@ class Camera:
     @classmethod
     def from_fov(
         cls, width: int, height: int, hfov_deg: float = 60.0, rotation: np.ndarray | None = None
-    ) -> "Camera":
+    ) -> Camera:
         """A camera with the given horizontal field of view (degrees)."""
         return cls(width, height, (width / 2) / math.tan(math.radians(hfov_deg) / 2), rotation)
 

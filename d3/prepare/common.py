@@ -33,9 +33,10 @@ import json
 import os
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -99,7 +100,7 @@ class PlainFolder:
         self.meta = meta
         self._manifest: dict = {}
 
-    def open(self) -> "PlainFolder":
+    def open(self) -> PlainFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / MANIFEST
         old = json.loads(path.read_text()) if path.exists() else None
@@ -153,7 +154,7 @@ class PlainFolder:
         rels = sorted(set(rels) | self.group_done(group))
         write_bytes(self._marker(group), json.dumps({"group": group, "samples": rels}).encode())
 
-    def finish(self, counts: "Counts") -> None:
+    def finish(self, counts: Counts) -> None:
         self._manifest["num_samples"] = len(list_samples(self.root))
         self._manifest["last_run"] = counts.as_dict()
         self._write_manifest()
