@@ -6,7 +6,7 @@
 
 Both sides run a full optimizer step (forward under autocast, backward, gradient clipping, AdamW) on the same model,
 optimizer, micro-batch, precision and device:
-- ours: `d3.training.d3_step`: the teacher once on the B·N_T noisy latents, the student and the VAE decoder once
+- ours: `d3.objective.d3_step`: the teacher once on the B·N_T noisy latents, the student and the VAE decoder once
   per image;
 - reference: `d3/reference_step.py` (the per-copy batching of the authors' code): student and decoder on all N_T copies,
   plus the unused target encode of the official loop.
@@ -150,14 +150,15 @@ class Bench:
             vae.disable_gradient_checkpointing()
 
     def forward_backward(self, step_fn) -> None:
+        from d3.objective import Objective
         from d3.timesteps import stratified_timesteps
 
         p, b = self.parts, self.args.batch_size
         t = stratified_timesteps(b, self.args.num_timesteps, generator=self.generator, device=self.device)
         noise = torch.randn(self.latent_shape, generator=self.generator, device=self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = step_fn(p.model, p.teacher, p.teacher_capture, p.vae, p.scheduler, self.batch, p.prompt_embeds,
-                          self.loss, self.weights, t, noise)
+            out = step_fn(p.model, p.experts(), p.vae, p.prompt_embeds, Objective(self.loss, self.weights), self.batch,
+                          t, noise)
         out.loss.backward()
 
     def step(self, step_fn) -> None:
@@ -175,7 +176,8 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from d3.training import apply_speed_flags, d3_step, set_tf32
+    from d3.objective import d3_step
+    from d3.training import apply_speed_flags, set_tf32
     from d3.reference_step import per_copy_step
 
     args = parse_args(argv)

@@ -174,7 +174,7 @@ HEAD_PREFIXES = ("adapters.", "mapping.", "time_emb.", "time_in_proj.")
 
 
 def load_official_training_state(path: str | Path, model) -> dict[str, int]:
-    """Continue the authors' training: load their release into a `d3.aggregation.D3Model` built on the same base.
+    """Continue the authors' training: load their release into a `d3.objective.D3Model` built on the same base.
 
     The student, its learned timestep and the projection heads (time mapping included) are loaded strictly; the
     frozen teacher (`visual_experts.*`) and VAE (`ae.*`) are counted and skipped (the base model provides both).

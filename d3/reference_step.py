@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .aggregation import D3Model, layer_channels
 from .backbone import encode_prompt, load_backbone
 from .denoisers import as_denoiser
 from .features import FeatureCapture, unet_layer_set
 from .heads import ProjectionHeads
 from .latents import decode_latent, encode_image
-from .training import StepOutput
+from .objective import D3Model, Objective, StepOutput, Teacher, layer_channels
 
 
 def _repeat(batch: dict, n: int) -> dict:
@@ -36,19 +35,15 @@ def _repeat(batch: dict, n: int) -> dict:
 
 def per_copy_step(
     model: D3Model,
-    teacher: torch.nn.Module,
-    teacher_capture,
+    teacher: Teacher,
     vae,
-    scheduler,
+    prompt_embeds: torch.Tensor | dict[str, torch.Tensor],
+    objective: Objective,
     batch: dict,
-    prompt_embeds: torch.Tensor,
-    task_loss,
-    weights: dict[str, float],
     timesteps: torch.Tensor,
     noise: torch.Tensor,
-    lambda_task: float = 1.0,
-    lambda_align: float = 1.0,
 ) -> StepOutput:
+    """`d3_step`'s arguments and result, computed on N_T copies of every image as the authors' code does."""
     b, n = timesteps.shape
     t = timesteps.reshape(-1)
     with torch.no_grad():
@@ -57,12 +52,12 @@ def per_copy_step(
     copies = latents.repeat_interleave(n, dim=0)
     # The architecture-specific calls (UNet: scheduler.add_noise, UNet(z, t, encoder_hidden_states); DiT: flow
     # matching, packing, pooled text) go through the same Denoiser adapter as the efficient step.
-    teacher = as_denoiser(teacher, scheduler)
+    experts = as_denoiser(teacher.model, teacher.scheduler)
 
     with torch.no_grad():
-        noisy = teacher.add_noise(copies, noise.reshape(copies.shape), t)
-        teacher(noisy.to(teacher.dtype), t, prompt_embeds)
-        expert = teacher_capture.pop()
+        noisy = experts.add_noise(copies, noise.reshape(copies.shape), t)
+        experts(noisy.to(experts.dtype), t, prompt_embeds)
+        expert = teacher.capture.pop()
 
     prediction = model.denoiser(copies, model.student_timestep, prompt_embeds)
     student_features = model.capture.pop()
@@ -76,10 +71,8 @@ def per_copy_step(
     align = sum(per_layer.values())
 
     decoded = decode_latent(vae, prediction)
-    terms = task_loss(decoded, _repeat(batch, n))
-    task = sum(weights[k] * v for k, v in terms.items())
-    loss = lambda_align * align + lambda_task * task
-    return StepOutput(loss, align, terms, per_layer, decoded[::n])
+    terms = objective.task_loss(decoded, _repeat(batch, n))
+    return StepOutput(objective.total(align, terms), align, terms, per_layer, decoded[::n])
 
 
 @dataclass
@@ -90,6 +83,10 @@ class StepParts:
     vae: torch.nn.Module
     scheduler: object
     prompt_embeds: torch.Tensor
+
+    def experts(self) -> Teacher:
+        """The frozen teacher as `d3_step` and `per_copy_step` take it."""
+        return Teacher(self.teacher, self.teacher_capture, self.scheduler)
 
 
 def build_parts(backbone_dir, prompt: str = "a depth map", head_type: str = "cleandift", layer_set: str = "up",

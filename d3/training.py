@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,57 +21,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .aggregation import D3Model, expert_features
 from .backbone import encode_condition, load_backbone
 from .checkpoint import D3Config, save_checkpoint
 from .denoisers import Denoiser
 from .data.folders import BadSampleError, collate, open_sources
 from .data.mixing import RankSlice, concat, make_sampler, mixing_probabilities, parse_dataset_spec
 from .devices import cast_module
-from .features import FeatureCapture
 from .heads import ProjectionHeads
-from .latents import decode_latent, encode_image, vae_scale_factor
+from .latents import vae_scale_factor
+from .objective import D3Model, Objective, Teacher, d3_step
 from .training_args import TaskRecipe, build_parser, validate_args  # noqa: F401  (the flags: a light module)
 
 logger = logging.getLogger("d3.train")
-
-
-# -------------------------------------------------------------------------------------------------------- the step
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    align: torch.Tensor
-    task_terms: dict[str, torch.Tensor]
-    per_layer: dict[str, torch.Tensor]
-    prediction: torch.Tensor  # decoded (B, 3, H, W)
-
-
-def d3_step(
-    model: D3Model,
-    teacher: torch.nn.Module,
-    teacher_capture: FeatureCapture,
-    vae,
-    scheduler,
-    batch: dict,
-    prompt_embeds: torch.Tensor,
-    task_loss: Callable[[torch.Tensor, dict], dict[str, torch.Tensor]],
-    weights: dict[str, float],
-    timesteps: torch.Tensor,
-    noise: torch.Tensor,
-    lambda_task: float = 1.0,
-    lambda_align: float = 1.0,
-) -> StepOutput:
-    """One D³ training step's losses: teacher once on B·N_T noisy latents, student and decoder once per image."""
-    dtype = next(model.parameters()).dtype  # fp32 master weights in training (autocast does the rest)
-    with torch.no_grad():
-        latents = encode_image(vae, batch["rgb"]).to(dtype)
-    expert = expert_features(teacher, teacher_capture, scheduler, latents, prompt_embeds, timesteps, noise)
-    out = model(latents, prompt_embeds, expert, timesteps)
-    prediction = decode_latent(vae, out.prediction)
-    terms = task_loss(prediction, batch)
-    task = sum(weights[k] * v for k, v in terms.items())
-    loss = lambda_align * out.loss + lambda_task * task
-    return StepOutput(loss, out.loss, terms, out.per_layer, prediction)
 
 
 def apply_speed_flags(model: D3Model, teacher: torch.nn.Module, vae, *, gradient_checkpointing: bool = False,
@@ -404,7 +364,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
             raise SystemExit(f"error: --init_from: {err}") from None
         logger.info("initialised from %s: %s", args.init_from, counts)
     # A LoRA teacher is the student's own network: one set of hooks serves both passes (each pass pops its own).
-    teacher_capture = model.capture if teacher.model is student.model else teacher.feature_capture(layers)
+    experts = Teacher(teacher, model.capture if teacher.model is student.model else teacher.feature_capture(layers),
+                     backbone.scheduler)
     prompt_embeds = (prompt_embeds.to(accelerator.device) if torch.is_tensor(prompt_embeds)
                      else {k: v.to(accelerator.device) for k, v in prompt_embeds.items()})
     set_tf32(args.allow_tf32)
@@ -433,7 +394,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    weights = {term: getattr(args, f"lambda_{term}") for term in recipe.loss_weights}
+    objective = Objective(recipe.task_loss, {term: getattr(args, f"lambda_{term}") for term in recipe.loss_weights},
+                          args.lambda_task, args.lambda_align)
 
     global_step, micro_step = 0, 0
     resume = resolve_resume(output_dir, args.resume_from_checkpoint)
@@ -516,8 +478,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                                     args.resolution // vae_scale_factor(vae), args.resolution // vae_scale_factor(vae))
                     noise = torch.randn(latent_shape, generator=generator)[rows].to(accelerator.device)
                     with accelerator.autocast():
-                        out = d3_step(model, teacher, teacher_capture, vae, backbone.scheduler, batch, prompt_embeds,
-                                      recipe.task_loss, weights, t, noise, args.lambda_task, args.lambda_align)
+                        out = d3_step(model, experts, vae, prompt_embeds, objective, batch, t, noise)
                     if all_finite(accelerator, out.loss):  # every process agrees, so none waits in backward alone
                         accelerator.backward(out.loss)
                         counters["nonfinite_in_row"] = 0

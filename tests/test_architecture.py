@@ -98,7 +98,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_training_does_not_reach_the_inference_modules():
     graph = import_graph()
-    for module in ("d3.training", "d3.train_cli", "d3.aggregation", "d3.losses", "d3.data.folders"):
+    for module in ("d3.training", "d3.train_cli", "d3.objective", "d3.reference_step", "d3.losses", "d3.data.folders"):
         assert not reachable(graph, module) & INFERENCE, module
 
 

@@ -21,13 +21,13 @@ import pytest
 import torch
 
 import train_depth
-from d3.aggregation import D3Model
 from d3.backbone import encode_condition, load_backbone
 from d3.denoisers import DIT_STUDENT_TIMESTEP, FluxDenoiser, as_denoiser, detect_architecture
 from d3.heads import ProjectionHeads
 from d3.checkpoint import CheckpointError, D3Config
 from d3.predictor import D3Predictor, predictor_from_backbone
-from d3.training import build_parser, build_student_and_teacher, d3_step, export_predictor, make_optimizer, train
+from d3.objective import D3Model, Objective, Teacher, d3_step
+from d3.training import build_parser, build_student_and_teacher, export_predictor, make_optimizer, train
 from d3.reference_step import per_copy_step
 from tests.helpers import rel_err
 from tests.test_equivalence import REL_TOL, cast_batch, depth_batch
@@ -156,8 +156,8 @@ def test_efficient_step_equals_official_step_with_a_dit_backbone(preset, request
     results = []
     for step in (d3_step, per_copy_step):
         model.zero_grad(set_to_none=True)
-        out = step(model, teacher, capture, vae, None, batch, cond, train_depth.depth_task_loss,
-                   train_depth.LOSS_WEIGHTS, timesteps, noise)
+        out = step(model, Teacher(teacher, capture), vae, cond,
+                   Objective(train_depth.depth_task_loss, train_depth.LOSS_WEIGHTS), batch, timesteps, noise)
         out.loss.backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (fast, fast_grads), (ref, ref_grads) = results

@@ -9,7 +9,7 @@ import torch
 import train_depth
 from d3.timesteps import stratified_timesteps
 from d3.data.synthetic import render_scene
-from d3.training import d3_step
+from d3.objective import Objective, d3_step
 from d3.reference_step import build_parts, per_copy_step
 from tests.helpers import grads, rel_err
 
@@ -50,8 +50,8 @@ def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
 
 def _run(step_fn, parts, batch, timesteps, noise, weights):
     parts.model.zero_grad(set_to_none=True)
-    out = step_fn(parts.model, parts.teacher, parts.teacher_capture, parts.vae, parts.scheduler, batch,
-                  parts.prompt_embeds, train_depth.depth_task_loss, weights, timesteps, noise)
+    out = step_fn(parts.model, parts.experts(), parts.vae, parts.prompt_embeds,
+                  Objective(train_depth.depth_task_loss, weights), batch, timesteps, noise)
     out.loss.backward()
     return out, grads(parts.model)
 

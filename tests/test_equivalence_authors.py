@@ -16,12 +16,12 @@ import d3.heads
 import train_depth
 import train_matting
 import train_normal
-from d3.aggregation import D3Model
 from d3.backbone import encode_prompt, load_backbone
 from d3.data.folders import collate, open_sources
 from d3.denoisers import as_denoiser
 from d3.heads import ProjectionHeads
-from d3.training import d3_step, step_generator
+from d3.objective import D3Model, Objective, Teacher, d3_step
+from d3.training import step_generator
 from tests.authors_oracle import AuthorsHeads, authors_step, draw_timesteps
 from tests.test_authors_oracle import depth_dir, matting_dir, normal_dir  # noqa: F401 (fixtures)
 from tests.helpers import rel_err
@@ -69,8 +69,8 @@ class D3Side:
 
     def step(self, recipe, batch, timesteps, noise):
         self.model.zero_grad(set_to_none=True)
-        out = d3_step(self.model, self.teacher, self.capture, self.vae, self.scheduler, batch, self.prompt_embeds,
-                      recipe.task_loss, recipe.loss_weights, timesteps, noise)
+        out = d3_step(self.model, Teacher(self.teacher, self.capture, self.scheduler), self.vae, self.prompt_embeds,
+                      Objective(recipe.task_loss, recipe.loss_weights), batch, timesteps, noise)
         out.loss.backward()
         grads = {f"student.{n}": p.grad.clone() for n, p in self.model.student.named_parameters()}
         grads.update({f"heads.{n}": p.grad.clone() for n, p in self.model.heads.named_parameters()})

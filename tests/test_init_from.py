@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import train_depth
-from d3.aggregation import D3Model
 from d3.backbone import load_backbone
-from d3.official_release import OfficialCheckpointError, load_official_training_state
 from d3.heads import ProjectionHeads
+from d3.objective import D3Model
+from d3.official_release import OfficialCheckpointError, load_official_training_state
 from d3.training import build_parser, train
 
 

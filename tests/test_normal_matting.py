@@ -23,7 +23,8 @@ from d3.data.folders import BadSampleError, TrainingFolder, collate, open_source
 from d3.data.synthetic import Camera, Plane, Rect, SceneDescription, render, render_scene, rotation_matrix
 from d3.losses import multiscale_gradient_loss, normal_losses
 from d3.outputs import normal_to_rgb
-from d3.training import build_parser, build_training_data, d3_step, random_hflip
+from d3.objective import Objective, d3_step
+from d3.training import build_parser, build_training_data, random_hflip
 from d3.reference_step import build_parts, per_copy_step
 from tests.helpers import grads, rel_err
 from tests.test_equivalence import cast_batch
@@ -373,8 +374,8 @@ def test_efficient_step_equals_official_step(tiny_backbone_dir, script, make_bat
     results = []
     for step in (d3_step, per_copy_step):
         parts.model.zero_grad(set_to_none=True)
-        out = step(parts.model, parts.teacher, parts.teacher_capture, parts.vae, parts.scheduler, batch,
-                   parts.prompt_embeds, script.RECIPE.task_loss, script.LOSS_WEIGHTS, timesteps, noise)
+        out = step(parts.model, parts.experts(), parts.vae, parts.prompt_embeds,
+                   Objective(script.RECIPE.task_loss, script.LOSS_WEIGHTS), batch, timesteps, noise)
         out.loss.backward()
         results.append((out, grads(parts.model)))
     (fast, fast_grads), (ref, ref_grads) = results

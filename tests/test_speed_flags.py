@@ -24,7 +24,8 @@ import torch
 import train_depth
 from d3.timesteps import stratified_timesteps
 from d3.prefetch import BackgroundWriter, ordered_prefetch, predict_files
-from d3.training import adamw, apply_speed_flags, build_parser, d3_step
+from d3.objective import Objective, d3_step
+from d3.training import adamw, apply_speed_flags, build_parser
 from d3.reference_step import build_parts, per_copy_step
 from tests.helpers import grads, rel_err
 from tests.test_equivalence import cast_batch, depth_batch
@@ -37,8 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _step(step_fn, parts, batch, timesteps, noise):
     parts.model.zero_grad(set_to_none=True)
-    out = step_fn(parts.model, parts.teacher, parts.teacher_capture, parts.vae, parts.scheduler, batch,
-                  parts.prompt_embeds, train_depth.depth_task_loss, train_depth.LOSS_WEIGHTS, timesteps, noise)
+    out = step_fn(parts.model, parts.experts(), parts.vae, parts.prompt_embeds,
+                  Objective(train_depth.depth_task_loss, train_depth.LOSS_WEIGHTS), batch, timesteps, noise)
     out.loss.backward()
     return out, grads(parts.model)
 
@@ -92,8 +93,8 @@ def _saved_activation_bytes(parts, batch, timesteps, noise) -> int:
 
     parts.model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = d3_step(parts.model, parts.teacher, parts.teacher_capture, parts.vae, parts.scheduler, batch,
-                      parts.prompt_embeds, train_depth.depth_task_loss, train_depth.LOSS_WEIGHTS, timesteps, noise)
+        out = d3_step(parts.model, parts.experts(), parts.vae, parts.prompt_embeds,
+                      Objective(train_depth.depth_task_loss, train_depth.LOSS_WEIGHTS), batch, timesteps, noise)
     out.loss.backward()
     return total
 

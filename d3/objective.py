@@ -1,17 +1,27 @@
-"""Self-supervised diffusion-prior aggregation (paper §3.2.1, Eq. 2): the D³ objective.
+"""The D³ objective in one file (paper §3.2, Eq. 2–4), top to bottom as a training step runs it.
 
 Per batch of B images and N_T expert timesteps:
-- the frozen teacher ("visual experts") sees the B·N_T noisy latents x_t = add_noise(z, ε, t) in ONE no-grad pass;
-- the student sees the clean latent z once per image at its own (learned or fixed) timestep. Its input does not
-  depend on t, so its features are computed once and broadcast over the N_T timesteps; the official code runs the
-  student (and the VAE decoder) on N_T identical copies, which gives the same losses and gradients at N_T times the
-  cost (`d3/reference_step.py` keeps that batching and the tests hold the two equal);
-- the projection heads map the student's features into each expert timestep's space and
-  L_agg = Σ_k (1 − mean cosine similarity over batch, timesteps and tokens).
+1. the clean latent z = E(x) (the VAE posterior mean, no gradient);
+2. expert timesteps, one per stratified bin (`Denoiser.sample_timesteps`), and Gaussian noise ε;
+3. the teacher ("visual experts", frozen) sees the B·N_T noisy latents x_t = add_noise(z, ε, t) in ONE no-grad pass;
+   its hooked layers give the experts' features (`expert_features`);
+4. the student sees z once per image at its own (learned or fixed) timestep (`D3Model.forward`). Its input does not
+   depend on t, so its features are computed once and broadcast over the N_T timesteps; the official code runs the
+   student (and the VAE decoder) on N_T identical copies, which gives the same losses and gradients at N_T times the
+   cost (`d3/reference_step.py` keeps that batching and the tests hold the two equal);
+5. the projection heads map the student's features into each expert timestep's space, and
+   L_agg = Σ_k (1 − mean cosine similarity over batch, timesteps and tokens) (`alignment_loss`);
+6. the student's output latent is decoded by the frozen VAE, and the task recipe's loss terms are taken on it;
+7. L = λ_align·L_agg + λ_task·Σ_j w_j·L_task,j (`d3_step`).
+
+Why the student's features reach the heads inside `D3Model.forward` (hooks fill `capture` during the student's call,
+`forward` reads them): distributed wrappers (DDP, FSDP) only see computation that runs inside the wrapped module's
+forward, so the heads must run there too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +31,7 @@ from torch import nn
 from .denoisers import Denoiser, as_denoiser
 from .features import FeatureCapture
 from .heads import ProjectionHeads
+from .latents import decode_latent, encode_image
 
 OFFICIAL_STUDENT_TIMESTEP = 261.0
 
@@ -131,3 +142,60 @@ class D3Model(nn.Module):
 def layer_channels(model: nn.Module | Denoiser, layers: list[str]) -> dict[str, int]:
     """Channel count of each hooked layer of any denoising network (UNet or DiT), without running it on data."""
     return as_denoiser(model).feature_channels(layers)
+
+
+# ------------------------------------------------------------------------------------------------------- the step
+@dataclass
+class Teacher:
+    """The frozen pretrained network, the ensemble of visual experts: the model (or its `Denoiser`), the hooks on
+    its layers, and the DDPM scheduler that noises a UNet's inputs (None for a DiT, whose Denoiser owns the noise)."""
+
+    model: nn.Module | Denoiser
+    capture: FeatureCapture
+    scheduler: object | None = None
+
+
+@dataclass
+class Objective:
+    """What is minimised: the recipe's task loss (decoded prediction, batch -> named terms), the terms' weights,
+    and the two λ of L = λ_align·L_agg + λ_task·L_task."""
+
+    task_loss: Callable[[torch.Tensor, dict], dict[str, torch.Tensor]]
+    weights: dict[str, float]
+    lambda_task: float = 1.0
+    lambda_align: float = 1.0
+
+    def total(self, align: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        task = sum(self.weights[k] * v for k, v in terms.items())
+        return self.lambda_align * align + self.lambda_task * task
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    align: torch.Tensor
+    task_terms: dict[str, torch.Tensor]
+    per_layer: dict[str, torch.Tensor]
+    prediction: torch.Tensor  # decoded (B, 3, H, W)
+
+
+def d3_step(
+    model: D3Model,
+    teacher: Teacher,
+    vae: nn.Module,
+    prompt_embeds: torch.Tensor | dict[str, torch.Tensor],
+    objective: Objective,
+    batch: dict,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+) -> StepOutput:
+    """One D³ training step's losses: teacher once on B·N_T noisy latents, student and decoder once per image."""
+    dtype = next(model.parameters()).dtype  # fp32 master weights in training (autocast does the rest)
+    with torch.no_grad():
+        latents = encode_image(vae, batch["rgb"]).to(dtype)
+    expert = expert_features(teacher.model, teacher.capture, teacher.scheduler, latents, prompt_embeds, timesteps,
+                             noise)
+    out = model(latents, prompt_embeds, expert, timesteps)
+    prediction = decode_latent(vae, out.prediction)
+    terms = objective.task_loss(prediction, batch)
+    return StepOutput(objective.total(out.loss, terms), out.loss, terms, out.per_layer, prediction)
