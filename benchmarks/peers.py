@@ -53,8 +53,7 @@ from benchmarks.common import (  # noqa: E402
 D3, MARIGOLD, AUTHORS = "d3 (infer.py)", "Marigold (diffusers, 1 step, ensemble 1)", "authors' procedure"
 PEERS = (D3, MARIGOLD, AUTHORS)
 # skimage.data photographs (colour ones; a grey one is converted to RGB by the reader like any grey JPEG)
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "immunohistochemistry", "hubble_deep_field",
-          "camera")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "camera", "coins")
 ASPECTS = ((4, 3), (1, 1), (3, 4))  # width : height, cycled
 UPSCALE = (1.5, 2.0, 2.5)  # long side of the JPEG / processing resolution, cycled
 
@@ -83,17 +82,27 @@ def _source_images(count: int, seed: int) -> tuple[list[np.ndarray], str]:
     try:
         import skimage.data as data
     except ImportError:
-        from d3.data.synthetic import render_scene
-
-        scenes = [render_scene(seed + i, 192, 256, supersample=2).rgb for i in range(count)]
-        return scenes, "d3.data.synthetic scenes (scikit-image is not installed)"
-    pictures = []
-    for i in range(count):
-        img = np.asarray(getattr(data, PHOTOS[i % len(PHOTOS)])())
+        return _synthetic(count, seed), "d3.data.synthetic scenes (scikit-image is not installed)"
+    pictures, names = [], []
+    for name in PHOTOS:  # those shipped with scikit-image (others would need a download)
+        try:
+            img = np.asarray(getattr(data, name)())
+        except Exception:
+            continue
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
         pictures.append(img[..., :3].astype(np.uint8))
-    return pictures, "scikit-image sample photographs (" + ", ".join(PHOTOS[i % len(PHOTOS)] for i in range(count)) + ")"
+        names.append(name)
+    if not pictures:
+        return _synthetic(count, seed), "d3.data.synthetic scenes (no scikit-image photograph could be loaded)"
+    pictures = [pictures[i % len(pictures)] for i in range(count)]
+    return pictures, "scikit-image sample photographs (" + ", ".join(names[i % len(names)] for i in range(count)) + ")"
+
+
+def _synthetic(count: int, seed: int) -> list[np.ndarray]:
+    from d3.data.synthetic import render_scene
+
+    return [render_scene(seed + i, 192, 256, supersample=2).rgb for i in range(count)]
 
 
 def write_photos(folder: Path, count: int, resolution: int, seed: int = 0) -> tuple[str, list[str]]:
@@ -108,7 +117,7 @@ def write_photos(folder: Path, count: int, resolution: int, seed: int = 0) -> tu
         h, w = arr.shape[:2]
         crop_w, crop_h = (w, round(w * ah / aw)) if w * ah <= h * aw else (round(h * aw / ah), h)
         top, left = (h - crop_h) // 2, (w - crop_w) // 2
-        long_side = round(resolution * UPSCALE[i % len(UPSCALE)])
+        long_side = round(resolution * UPSCALE[(i + i // len(ASPECTS)) % len(UPSCALE)])
         size = (long_side, round(long_side * ah / aw)) if aw >= ah else (round(long_side * aw / ah), long_side)
         img = Image.fromarray(arr[top : top + crop_h, left : left + crop_w]).resize(size, Image.BICUBIC)
         img.save(folder / f"photo_{i:02d}.jpg", quality=92)
