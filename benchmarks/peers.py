@@ -300,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
                 with meters[name]:
                     start = time.perf_counter()
                     every[name](work / "input", out)
-                    seconds[name] += time.perf_counter() - start
+                    spent = time.perf_counter() - start
+                seconds[name] += spent
+                print(f"[peers] round {r + 1}/{args.rounds}: {name}: {spent:.1f} s", file=sys.stderr, flush=True)
                 if name != model_side:
                     written[name] = len(list(out.rglob("*_depth_colored.png")))
                 shutil.rmtree(out, ignore_errors=True)
