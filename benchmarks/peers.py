@@ -80,14 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------------ images
 def _source_images(count: int, seed: int) -> tuple[list[np.ndarray], str]:
     try:
-        import skimage.data as data
+        from skimage import data
     except ImportError:
         return _synthetic(count, seed), "d3.data.synthetic scenes (scikit-image is not installed)"
     pictures, names = [], []
     for name in PHOTOS:  # those shipped with scikit-image (others would need a download)
         try:
             img = np.asarray(getattr(data, name)())
-        except Exception:
+        except (ImportError, AttributeError, OSError):  # one that needs a download (pooch) or is missing
             continue
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
@@ -325,11 +325,11 @@ def main(argv: list[str] | None = None) -> dict:
     if flops:
         achieved_model = flops * args.rounds / seconds[model_side]
         achieved_e2e = flops * args.rounds / seconds[D3]
-        extra += [f"counted FLOPs (VAE encode + UNet + VAE decode): {flops / len(files) / 1e9:.1f} GFLOP per image "
-                  "on average over these images",
+        extra += [(f"counted FLOPs (VAE encode + UNet + VAE decode): {flops / len(files) / 1e9:.1f} GFLOP per "
+                   "image on average over these images"),
                   f"CPU fp32 GEMM peak (2048^3 torch.mm, best of 4): {peak / 1e9:.1f} GFLOP/s",
-                  f"d3 achieved: model only {achieved_model / 1e9:.1f} GFLOP/s = {achieved_model / peak:.0%} of the "
-                  f"GEMM peak; end to end {achieved_e2e / 1e9:.1f} GFLOP/s = {achieved_e2e / peak:.0%}"]
+                  (f"d3 achieved: model only {achieved_model / 1e9:.1f} GFLOP/s = {achieved_model / peak:.0%} of the "
+                   f"GEMM peak; end to end {achieved_e2e / 1e9:.1f} GFLOP/s = {achieved_e2e / peak:.0%}")]
         result.update(gflop_per_image=flops / len(files) / 1e9, gemm_peak_gflops=peak / 1e9,
                       efficiency_model=achieved_model / peak, efficiency_e2e=achieved_e2e / peak)
     if pad:

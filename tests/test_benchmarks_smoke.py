@@ -83,7 +83,7 @@ def test_peers_benchmark_falls_back_to_synthetic_scenes_without_scikit_image(tmp
 
     from benchmarks import peers
 
-    monkeypatch.setitem(sys.modules, "skimage", None)  # `import skimage.data` raises ImportError
+    monkeypatch.setitem(sys.modules, "skimage", None)  # `from skimage import data` raises ImportError
     monkeypatch.setitem(sys.modules, "skimage.data", None)
     source, sizes = peers.write_photos(tmp_path, 3, 32)
     assert source.startswith("d3.data.synthetic scenes")
