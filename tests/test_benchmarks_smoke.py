@@ -51,3 +51,42 @@ def test_inference_benchmark_reports_model_only_and_end_to_end(tiny_depth_checkp
     assert _finite(result[model]["images_per_s"]) and _finite(result[e2e]["images_per_s"])
     assert _finite(result["ratio"]) and _finite(result["tflop_per_image"])
     assert "device: CPU" in printed
+
+
+def test_peers_benchmark_reports_every_peer_and_the_ratios(tiny_backbone_dir, tmp_path, capsys, thread_flags):
+    from benchmarks import peers
+
+    result = peers.main(["--backbone_dir", str(tiny_backbone_dir), "--cache_dir", str(tmp_path / "cache"),
+                         "--resolution", "64", "--num_images", "3", "--rounds", "1", "--padding_check_res", "72",
+                         "--json", str(tmp_path / "peers.json"), *thread_flags])
+    printed = capsys.readouterr().out
+    model_only = "d3 model only (encode + UNet + decode, no files)"
+    for side in (*peers.PEERS, model_only):
+        assert f"| {side} | CPU" in printed  # a table row per peer
+        assert _finite(result[side]["images_per_s"]) and result[side]["peak_memory_bytes"] is not None
+    for side in peers.PEERS:
+        assert f"{side}: images/s relative to d3's" in printed
+        assert result["written"][side] == result["images"] == 3  # every photograph got its files
+    assert set(result["speedups"]) == {peers.MARIGOLD, peers.AUTHORS}
+    assert all(_finite(s) for s in result["speedups"].values()) and _finite(result["ratio_e2e_model"])
+    assert "d3 end to end / d3 model only (images/s)" in printed
+    assert printed.count("goal: d3 / ") == 2 and "goal: d3 end to end / model only" in printed
+    assert "GEMM peak" in printed and 0 < result["efficiency_model"] < 1.5
+    assert result["padding"]["pixel_ratio"] >= 1 and _finite(result["padding"]["time_ratio"])
+    assert json.loads((tmp_path / "peers.json").read_text())["images"] == 3
+
+
+def test_peers_benchmark_falls_back_to_synthetic_scenes_without_scikit_image(tmp_path, monkeypatch):
+    import sys
+
+    from PIL import Image
+
+    from benchmarks import peers
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # `from skimage import data` raises ImportError
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    source, sizes = peers.write_photos(tmp_path, 3, 32)
+    assert source.startswith("d3.data.synthetic scenes")
+    files = sorted(tmp_path.glob("*.jpg"))
+    assert [f"{Image.open(f).size[0]}x{Image.open(f).size[1]}" for f in files] == sizes
+    assert len(set(sizes)) == 3  # mixed sizes and aspect ratios
