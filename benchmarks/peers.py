@@ -201,12 +201,13 @@ def gemm_peak_flops(n: int = 2048, reps: int = 4) -> float:
 
 
 def padding_check(predictor, files: list[Path], resolution: int, rounds: int) -> dict:
-    """d3's model on each image's keep-aspect size padded to d3's size multiple (64 for SD) against the VAE's
-    factor (8 for SD, what Marigold pads to: diffusers' UNet upsamples to the skip connections' sizes), alternated."""
+    """d3's model on each image's keep-aspect size padded to the UNet's full multiple (64 for SD, what d3 padded to
+    before) against the VAE's factor (8 for SD, what d3 and Marigold pad to: diffusers' UNet upsamples to the skip
+    connections' sizes), alternated."""
     from d3.io import load_rgb
-    from d3.latents import vae_scale_factor
+    from d3.latents import unet_size_multiple, vae_scale_factor
 
-    big, small = predictor.size_multiple, vae_scale_factor(predictor.vae)
+    big, small = unet_size_multiple(predictor.unet, predictor.vae), vae_scale_factor(predictor.vae)
 
     shapes = []
     for f in files:

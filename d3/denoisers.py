@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .features import FeatureCapture, module_paths, official_key_names, unet_layer_channels, unet_layer_set
-from .latents import unet_size_multiple, vae_scale_factor
+from .latents import vae_scale_factor
 from .timesteps import stratified, stratified_timesteps
 
 Condition = Mapping[str, torch.Tensor]
@@ -226,7 +226,11 @@ class UNetDenoiser(Denoiser):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
     def size_multiple(self, vae) -> int:
-        return unet_size_multiple(self.model, vae)
+        """The VAE's factor (8 for SD) only: diffusers' UNet takes latents whose size is not a multiple of its own
+        2^levels (each up block upsamples to its skip connection's size), so padding further would only add pixels
+        (at 192 px a 4:3 photo went 192×144 -> 192×192, 1.33× the work). `unet_size_multiple` (64 for SD) is what a
+        pad-free pass through every level would need."""
+        return vae_scale_factor(vae)
 
     def forward(self, latents, timestep, cond):
         cond = self.condition(cond, latents.shape[0], latents.dtype)
