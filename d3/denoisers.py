@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .features import FeatureCapture, module_paths, official_key_names, unet_layer_channels, unet_layer_set
-from .latents import vae_scale_factor
+from .latents import unet_size_multiple, vae_scale_factor
 from .timesteps import stratified, stratified_timesteps
 
 Condition = Mapping[str, torch.Tensor]
@@ -126,6 +126,10 @@ class Denoiser:
     def size_multiple(self, vae) -> int:
         """Image sizes must be multiples of this (VAE downsampling × the model's own)."""
         return vae_scale_factor(vae)
+
+    def bucket_multiple(self, vae) -> int:
+        """What a compiled model pads to instead: a coarser grid of input sizes means fewer graphs to compile."""
+        return self.size_multiple(vae)
 
     def save_pretrained(self, path: str | Path, **kwargs) -> None:
         self.model.save_pretrained(path, safe_serialization=True, **kwargs)
@@ -231,6 +235,11 @@ class UNetDenoiser(Denoiser):
         (at 192 px a 4:3 photo went 192×144 -> 192×192, 1.33× the work). `unet_size_multiple` (64 for SD) is what a
         pad-free pass through every level would need."""
         return vae_scale_factor(vae)
+
+    def bucket_multiple(self, vae) -> int:
+        """64 for SD: every UNet level then halves and doubles exactly, and a 768-px long side leaves 12 short-side
+        sizes to compile instead of 96."""
+        return unet_size_multiple(self.model, vae)
 
     def forward(self, latents, timestep, cond):
         cond = self.condition(cond, latents.shape[0], latents.dtype)

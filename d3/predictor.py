@@ -45,8 +45,9 @@ class D3Predictor:
         """Opt-in engine settings; outputs agree with the plain model up to kernel rounding.
 
         channels_last: NHWC activations (faster convolutions on tensor cores). compile: torch.compile the UNet and
-        the VAE, specialised per input shape; sizes are multiples of `size_multiple`, so each resolution bucket
-        (and batch size) compiles once, the first batch of a bucket being slow, and no new image size recompiles.
+        the VAE, specialised per input shape; inputs are then padded to the denoiser's coarser `bucket_multiple` (64
+        for SD instead of 8), so each resolution bucket (and batch size) compiles once, the first batch of a bucket
+        being slow, and a new image size in a known bucket does not recompile.
         """
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -58,6 +59,7 @@ class D3Predictor:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             for module in (self.unet, self.vae.encoder, self.vae.decoder):
                 module.compile(backend=compile_backend, dynamic=False)
+            self.size_multiple = self.denoiser.bucket_multiple(self.vae)
             self.compiled = True
         return self
 

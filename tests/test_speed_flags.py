@@ -167,7 +167,8 @@ def test_compiled_predictor_agrees_with_the_plain_model(tiny_depth_checkpoint):
     compiled.speed_up(compile=True, compile_backend="eager")
     assert compiled.compiled and all(_compiled(m) for m in (compiled.unet, compiled.vae.encoder, compiled.vae.decoder))
     assert rel_err(compiled.predict_tensor(x), plain) <= 1e-4
-    # New image sizes in the same bucket (padded to 64x64), and a last batch of one: no new graph.
+    # New image sizes in the same bucket (a compiled model pads to the UNet's full multiple: 64x64 here), and a last
+    # batch of one: no new graph.
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
