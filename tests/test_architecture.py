@@ -1,9 +1,12 @@
-"""The house plan of ARCHITECTURE.md, checked: the package's imports form no cycle, training does not reach the
-inference modules, benchmarks do not import tests. Every import counts, at module top or inside a function."""
+"""The house plan of ARCHITECTURE.md, checked: its layer table names every module of the package, imports point
+down that table (or stay within a layer), they form no cycle, training and inference do not reach each other,
+benchmarks do not import tests. Every import counts, at module top or inside a function. The table is read from
+ARCHITECTURE.md itself, so the document and the code cannot drift apart."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,3 +118,47 @@ def test_inference_does_not_reach_training():
     training = {"d3.training", "d3.training_args", "d3.train_cli", "d3.reference_step", "d3.data.mixing"}
     for module in sorted(INFERENCE):
         assert not reachable(graph, module) & training, module
+
+
+def layer_table(text: str | None = None) -> list[tuple[str, list[str]]]:
+    """ARCHITECTURE.md's "Layers (bottom to top)" table: (layer, module names without the `d3.` prefix)."""
+    text = (ROOT / "ARCHITECTURE.md").read_text() if text is None else text
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")]
+    return [(cells[1].strip(), re.findall(r"`([^`]+)`", cells[2])) for cells in rows if "`" in cells[2]]
+
+
+def layer_of(module: str, table: list[tuple[str, list[str]]]) -> int | None:
+    """The rank of a module's layer (0 = bottom); `prepare.*` in the table covers every module of the package."""
+    for rank, (_, names) in enumerate(table):
+        for name in names:
+            if module == f"d3.{name}" or (name.endswith(".*") and module.startswith(f"d3.{name[:-2]}.")):
+                return rank
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]], table: list[tuple[str, list[str]]]) -> list[str]:
+    found = []
+    for module, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            low, high = layer_of(module, table), layer_of(dep, table)
+            if low is not None and high is not None and high > low:
+                found.append(f"{module} ({table[low][0]}) imports {dep} ({table[high][0]})")
+    return found
+
+
+def test_the_layer_table_names_every_module():
+    table = layer_table()
+    packages = {"d3", "d3.data", "d3.prepare", "d3._scripts"}  # their __init__ files hold no code of a layer
+    unlisted = [m for m in import_graph() if m not in packages and layer_of(m, table) is None]
+    assert unlisted == [], "add these to ARCHITECTURE.md's layer table"
+
+
+def test_imports_point_down_the_layers():
+    assert upward_imports(import_graph(), layer_table()) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    table = layer_table("## Layers\n| layer | modules | owns |\n|---|---|---|\n| low | `a` | x |\n| high | `b` `c.*` | y |\n")
+    graph = {"d3.a": {"d3.c.x"}, "d3.b": {"d3.a"}, "d3.c.x": set()}
+    assert upward_imports(graph, table) == ["d3.a (low) imports d3.c.x (high)"]
