@@ -18,7 +18,7 @@ import json
 import os
 import traceback
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -27,9 +27,11 @@ import torch
 
 from d3.data.benchmarks import BENCHMARKS, GROUPS, Benchmark
 from d3.devices import resolve_device
+from d3.eval_options import EvalOptions
 from d3.eval_report import format_group_table, format_table, jsonable, report_skipped
 from d3.prediction_files import EvaluationError, conform_prediction, read_prediction
-from d3.scorers import PROTOCOL, make_scorer
+from d3.flags import PROTOCOL
+from d3.scorers import make_scorer
 from d3.sharding import RankZeroFailed, Shard
 
 EVAL_RESIZE_MODE = "squash"  # the paper's protocol: the authors' square network input (see load_predictor)
@@ -160,46 +162,34 @@ class ShardFailed(EvaluationError):
     """Another process of a sharded run failed; rank 0 reports why."""
 
 
-def evaluate_benchmark(
-    bench: Benchmark,
-    *,
-    predictions: os.PathLike | None = None,
-    predictor: Any = None,
-    checkpoint: str | None = None,
-    output: os.PathLike | None = None,
-    alignment: str | None = None,
-    alignment_max_res: Any = PROTOCOL,
-    pooling: str = "image",
-    processing_res: int | None = None,
-    device: Any = "auto",
-    allow_invalid: bool = False,
-    save_predictions: os.PathLike | None = None,
-    batch_size: int = 1,
-    progress: bool = True,
-    resize_mode: str | None = None,
-    shard: Shard | None = None,
-) -> dict[str, Any] | None:
-    """Score one benchmark; returns the summary (also written to ``output/summary.json``).
+def evaluate_benchmark(bench: Benchmark, options: EvalOptions | None = None, *, predictor: Any = None,
+                       shard: Shard | None = None) -> dict[str, Any] | None:
+    """Score one benchmark: ``options.predictions`` (a folder) or ``predictor``'s; returns the summary (also written
+    to ``options.output/summary.json``; output None: no files). ``options.checkpoint`` names the predictor there.
 
-    ``resize_mode`` is given to the predictor's ``predict`` (None: the predictor's own, e.g. what
-    :func:`load_predictor` set). ``shard``: this process's place in a sharded run (default: the only process). It
-    scores the samples it owns; with a rendezvous (torchrun) rank 0 gathers every process's records, writes the
-    files and returns the summary, the other ranks return None; without one, each process writes its share's
-    files under ``output/rank<r>_of_<n>/``. A sample that fails without ``allow_invalid`` fails every process."""
-    if (predictions is None) == (predictor is None):
+    ``options.resize_mode`` is given to the predictor's ``predict`` (None: the predictor's own, e.g. what
+    :func:`load_predictor` set); ``split``, ``pretrained_model_name_or_path`` and ``official_preprocess`` are
+    :func:`run`'s. ``shard``: this process's place in a sharded run (default: the only process). It scores the
+    samples it owns; with a rendezvous (torchrun) rank 0 gathers every process's records, writes the files and
+    returns the summary, the other ranks return None; without one, each process writes its share's files under
+    ``output/rank<r>_of_<n>/``. A sample that fails without ``allow_invalid`` fails every process."""
+    options = options or EvalOptions()
+    if (options.predictions is None) == (predictor is None):
         raise ValueError("give exactly one of predictions (a folder) or predictor")
     shard = shard or Shard()
-    device = resolve_device(device)
-    pred_dir = Path(predictions) if predictions is not None else None
+    device = resolve_device(options.device)
+    allow_invalid, resize_mode = options.allow_invalid, options.resize_mode
+    pred_dir = Path(options.predictions) if options.predictions is not None else None
     if pred_dir is not None and not pred_dir.is_dir():
         raise FileNotFoundError(f"{bench.name}: prediction folder {pred_dir} does not exist")
-    save_dir = Path(save_predictions) if save_predictions is not None else None
+    save_dir = Path(options.save_predictions) if options.save_predictions is not None else None
+    processing_res = options.processing_res
     if processing_res == PROTOCOL:
         processing_res = bench.protocol_processing_res
     task = getattr(predictor, "task", None)
     if predictor is not None and task is not None and bench.task != "segmentation" and task != bench.task:
         raise EvaluationError(f"{bench.name} is a {bench.task} benchmark but the checkpoint predicts {task!r}")
-    scorer = make_scorer(bench, device, alignment, alignment_max_res, pooling)
+    scorer = make_scorer(bench, device, options.alignment, options.alignment_max_res, options.pooling)
     gt_of = {e.rgb: e.gt for e in bench.entries} if pred_dir is not None else {}
     owned = [i for i in range(len(bench)) if shard.owns(i)]
 
@@ -210,7 +200,7 @@ def evaluate_benchmark(
         invalid = InvalidCounter(allow_invalid)
         records: list[SampleRecord] = []
         desc = f"Evaluating {bench.name}" + (f" (rank 0 of {shard.world_size})" if shard.sharded else "")
-        bar = tqdm(total=len(owned), desc=desc, disable=not (progress and shard.is_main), dynamic_ncols=True)
+        bar = tqdm(total=len(owned), desc=desc, disable=not (options.progress and shard.is_main), dynamic_ncols=True)
 
         def skip_or_raise(index: int, name: str, err: Exception) -> None:
             """Without --allow_invalid any unusable sample stops the run, naming it; with it, it is counted."""
@@ -220,7 +210,7 @@ def evaluate_benchmark(
                 raise EvaluationError(f"{err} (use --allow_invalid to skip and count such samples)") from err
             records.append(SampleRecord(index, name, skipped=str(err)))
 
-        for idx in _batches(owned, max(1, batch_size)):
+        for idx in _batches(owned, max(1, options.batch_size)):
             samples = []
             for i in idx:
                 try:
@@ -289,7 +279,7 @@ def evaluate_benchmark(
             proto["resize_mode"] = None
             proto["geometry"] = "predictions read from files at GT resolution (made elsewhere, geometry unknown)"
         summary["protocol"] = proto
-        summary["checkpoint"] = str(checkpoint) if predictor is not None else None
+        summary["checkpoint"] = str(options.checkpoint) if predictor is not None else None
         summary["predictions"] = str(pred_dir) if pred_dir is not None else None
         summary["data_root"] = str(bench.root)
         summary["split"] = str(bench.split) if bench.split is not None else None
@@ -317,7 +307,7 @@ def evaluate_benchmark(
                 json.dump(jsonable(summary), f, indent=2)
         return summary
 
-    out_dir = Path(output) if output is not None else None
+    out_dir = Path(options.output) if options.output is not None else None
     if not (shard.sharded and shard.can_gather()):
         if shard.sharded and out_dir is not None:  # no rendezvous: each process its own share's files
             out_dir = share_output(out_dir, shard)
@@ -354,58 +344,46 @@ def share_output(output: Path, shard: Shard) -> Path:
     return output / f"rank{shard.rank}_of_{shard.world_size}"
 
 
-def run(
-    dataset: str,
-    data_root: os.PathLike,
-    *,
-    checkpoint: str | None = None,
-    predictions: os.PathLike | None = None,
-    predictor: Any = None,
-    output: os.PathLike | None = None,
-    split: os.PathLike | None = None,
-    reader_kwargs: dict[str, Any] | None = None,
-    print_fn=print,
-    shard: Shard | None = None,
-    **kwargs,
-) -> dict[str, dict[str, Any]]:
-    """Evaluate one dataset or a group (``all_depth`` / ``all_normal``); print the table; return
-    {dataset name: summary}. ``predictor`` may be passed instead of loading ``checkpoint``.
-    ``reader_kwargs`` go to the reader (for a group: ``{dataset name: kwargs}``); the other keyword
-    arguments to :func:`evaluate_benchmark`. ``shard``: this process's place among several (evaluate.py reads it
-    from torchrun's environment; default: the only process); with a rendezvous only rank 0 prints and returns the
-    summaries, the others return {}."""
-    if (checkpoint is None and predictor is None) == (predictions is None):
+def run(dataset: str, data_root: os.PathLike, options: EvalOptions | None = None, *, predictor: Any = None,
+        reader_kwargs: dict[str, Any] | None = None, print_fn=print, shard: Shard | None = None,
+        ) -> dict[str, dict[str, Any]]:
+    """Evaluate one dataset or a group (``all_depth`` / ``all_normal``) as ``options`` say (default:
+    :class:`EvalOptions`'s defaults); print the table; return {dataset name: summary}. ``predictor`` may be passed
+    instead of loading ``options.checkpoint``. ``reader_kwargs`` go to the reader (for a group: ``{dataset name:
+    kwargs}``). ``shard``: this process's place among several (evaluate.py reads it from torchrun's environment;
+    default: the only process); with a rendezvous only rank 0 prints and returns the summaries, the others return
+    {}."""
+    options = options or EvalOptions()
+    checkpoint = options.checkpoint
+    if (checkpoint is None and predictor is None) == (options.predictions is None):
         raise ValueError("give exactly one of --checkpoint or --predictions")
     shard = shard or Shard()
     data_root = Path(data_root)
     if not data_root.exists():
         raise FileNotFoundError(f"data root {data_root} does not exist")
-    output = Path(output) if output is not None else Path("eval_results") / dataset
-    device = kwargs.pop("device", "auto")
+    output = Path(options.output) if options.output is not None else Path("eval_results") / dataset
+    device = options.device
     # several processes on a GPU machine: one GPU each (LOCAL_RANK), as infer.py
     device = resolve_device(shard.device() if device in (None, "auto") and shard.device() else device)
-    base_model = kwargs.pop("pretrained_model_name_or_path", None)  # for an official .pth checkpoint
-    official_preprocess = kwargs.pop("official_preprocess", False)
-    resize_mode = kwargs.pop("resize_mode", None)  # None: squash for a checkpoint, a given predictor's own
+    options = replace(options, output=output, device=device)
     gathered = shard.sharded and shard.can_gather()
     with shard.connected():  # one rendezvous for the model load and every dataset of a group
         if predictor is None and checkpoint is not None:
+            load_args = (checkpoint, device, options.pretrained_model_name_or_path, options.official_preprocess,
+                         options.resize_mode)
             if not gathered:
-                predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
+                predictor = load_predictor(*load_args)
             else:  # a process that cannot load the model stops every process, not only itself
                 failure = None
                 try:
-                    predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
+                    predictor = load_predictor(*load_args)
                 except Exception as e:  # noqa: BLE001 - reported by rank 0, then raised by every process
                     if not isinstance(e, (EvaluationError, ValueError, OSError)):
                         traceback.print_exc()
                     failure = f"rank {shard.rank} of {shard.world_size}: cannot load {checkpoint}: {e}"
                 _agree(shard, failure)
-        elif resize_mode is not None:
-            kwargs["resize_mode"] = resize_mode
-        return _run_loaded(dataset, data_root, shard, gathered, checkpoint=checkpoint, predictions=predictions,
-                           predictor=predictor, output=output, split=split, reader_kwargs=reader_kwargs,
-                           print_fn=print_fn, device=device, **kwargs)
+            options = replace(options, resize_mode=None)  # load_predictor set it on the predictor (None: squash)
+        return _run_loaded(dataset, data_root, options, predictor, shard, gathered, reader_kwargs, print_fn)
 
 
 def _agree(shard: Shard, failure: str | None) -> None:
@@ -418,10 +396,11 @@ def _agree(shard: Shard, failure: str | None) -> None:
         raise EvaluationError(failed) if shard.is_main else ShardFailed(failed)
 
 
-def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint, predictions, predictor, output,
-                split, reader_kwargs, print_fn, device, **kwargs) -> dict[str, dict[str, Any]]:
-    label = str(checkpoint) if checkpoint is not None else str(predictions)
-    save = kwargs.pop("save_predictions", None)
+def _run_loaded(dataset: str, data_root: Path, options: EvalOptions, predictor: Any, shard: Shard, gathered: bool,
+                reader_kwargs: dict[str, Any] | None, print_fn) -> dict[str, dict[str, Any]]:
+    """:func:`run` once the predictor (if any) is loaded; ``options.output`` and ``options.device`` are set."""
+    predictions, save, output = options.predictions, options.save_predictions, Path(options.output)
+    label = str(options.checkpoint) if options.checkpoint is not None else str(predictions)
     if gathered and not shard.is_main:
         print_fn = _silent  # rank 0 prints the run's tables
     elif shard.sharded and not gathered:  # RANK / WORLD_SIZE without a rendezvous: each process its own share
@@ -431,7 +410,7 @@ def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint,
         label = f"{label} [{where}]"
 
     if dataset in GROUPS:
-        if split is not None:
+        if options.split is not None:
             raise ValueError("--split applies to a single dataset, not to " + dataset)
         summaries: dict[str, dict[str, Any]] = {}
         for name in GROUPS[dataset]:
@@ -442,10 +421,10 @@ def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint,
                          "skipped")
                 continue
             bench = cls(loc, None, **(reader_kwargs or {}).get(name, {}))
-            summary = evaluate_benchmark(
-                bench, predictions=Path(predictions) / name if predictions is not None else None,
-                predictor=predictor, checkpoint=checkpoint, output=output / name, device=device,
-                save_predictions=Path(save) / name if save is not None else None, shard=shard, **kwargs)
+            per_set = replace(options, output=output / name,
+                              predictions=Path(predictions) / name if predictions is not None else None,
+                              save_predictions=Path(save) / name if save is not None else None)
+            summary = evaluate_benchmark(bench, per_set, predictor=predictor, shard=shard)
             if summary is not None:
                 summaries[name] = summary
         if gathered and not shard.is_main:
@@ -461,9 +440,8 @@ def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint,
 
     if dataset not in BENCHMARKS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(BENCHMARKS) + sorted(GROUPS)}")
-    bench = BENCHMARKS[dataset](data_root, split, **(reader_kwargs or {}))
-    summary = evaluate_benchmark(bench, predictions=predictions, predictor=predictor, checkpoint=checkpoint,
-                                 output=output, device=device, save_predictions=save, shard=shard, **kwargs)
+    bench = BENCHMARKS[dataset](data_root, options.split, **(reader_kwargs or {}))
+    summary = evaluate_benchmark(bench, options, predictor=predictor, shard=shard)
     if summary is None:  # another rank than 0 of a sharded run
         return {}
     print_fn(format_table([summary]))

@@ -28,6 +28,7 @@ MIXING_MODES = ("official", "paper")
 LAYER_SETS = ("up", "down", "all")
 HEAD_TYPES = ("cleandift", "linear", "none")
 ALIGNMENTS = ("least_square", "least_square_disparity", "none")
+PROTOCOL = "protocol"  # evaluation: the dataset's own alignment_max_res / Marigold processing resolution
 
 
 class CheckpointError(ValueError):
