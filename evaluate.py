@@ -113,12 +113,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        validate_args(args)
-    except FlagError as err:
-        parser.error(str(err))
+    args = flags.parse_checked(build_parser(), validate_args, argv)
     from d3.sharding import Shard
 
     try:
