@@ -27,13 +27,14 @@ import sys
 
 from d3 import flags
 from d3.data.benchmarks import BENCHMARKS, GROUPS
-from d3.flags import ALIGNMENTS, FlagError
+from d3.eval_options import EvalOptions
+from d3.flags import ALIGNMENTS, PROTOCOL, FlagError
 
 RESIZE_MODES = ("squash", "keep_aspect")  # d3.predictor.RESIZE_MODES, without importing the model code
 
 
 def _processing_res(value: str):
-    return value if value == "protocol" else int(value)
+    return value if value == PROTOCOL else int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +91,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise FlagError("--official_preprocess squashes to a square, not --resize_mode keep_aspect")
     flags.at_least("--batch_size", args.batch_size, 1)
     flags.at_least("--alignment_max_res", args.alignment_max_res, 0)
-    if args.processing_res != "protocol":
+    if args.processing_res != PROTOCOL:
         flags.at_least("--processing_res", args.processing_res, 0)
     flags.existing_path("--data-root", args.data_root, "does not exist")
     flags.existing_path("--predictions", args.predictions, "no such folder", folder=True)
@@ -98,13 +99,21 @@ def validate_args(args: argparse.Namespace) -> None:
     flags.model_source("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "folder")
 
 
+def eval_options(args: argparse.Namespace) -> EvalOptions:
+    """The flags as :func:`d3.evaluation.run`'s options."""
+    return EvalOptions(
+        checkpoint=args.checkpoint, predictions=args.predictions, split=args.split, output=args.output,
+        save_predictions=args.save_predictions, processing_res=args.processing_res, resize_mode=args.resize_mode,
+        official_preprocess=args.official_preprocess,
+        pretrained_model_name_or_path=args.pretrained_model_name_or_path, batch_size=args.batch_size,
+        device=args.device, alignment=args.alignment,
+        alignment_max_res=PROTOCOL if args.alignment_max_res is None else args.alignment_max_res,
+        pooling=args.pooling, allow_invalid=args.allow_invalid, progress=not args.no_progress,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        validate_args(args)
-    except FlagError as err:
-        parser.error(str(err))
+    args = flags.parse_checked(build_parser(), validate_args, argv)
     from d3.sharding import Shard
 
     try:
@@ -114,20 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from d3.evaluation import ShardFailed, run
     from d3.prediction_files import EvaluationError
-    from d3.scorers import PROTOCOL
 
     try:
-        run(
-            args.dataset, args.data_root,
-            checkpoint=args.checkpoint, predictions=args.predictions, output=args.output, split=args.split,
-            alignment=args.alignment,
-            alignment_max_res=PROTOCOL if args.alignment_max_res is None else args.alignment_max_res,
-            pooling=args.pooling, processing_res=args.processing_res, device=args.device,
-            allow_invalid=args.allow_invalid, save_predictions=args.save_predictions,
-            batch_size=args.batch_size, progress=not args.no_progress,
-            pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-            official_preprocess=args.official_preprocess, resize_mode=args.resize_mode, shard=shard,
-        )
+        run(args.dataset, args.data_root, eval_options(args), shard=shard)
     except ShardFailed:  # another process failed: rank 0 prints why
         return 1
     except (EvaluationError, FileNotFoundError, ValueError) as e:

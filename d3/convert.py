@@ -129,12 +129,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    try:
-        validate_args(args)
-    except FlagError as err:
-        p.error(str(err))
+    args = flags.parse_checked(build_parser(), validate_args, argv)
     from .checkpoint import D3Config
 
     try:

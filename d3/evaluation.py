@@ -3,12 +3,13 @@
 Per sample: get the prediction (a file, or the one-step predictor in memory), check its shape and
 values, align / clip (depth), compute the metrics of :mod:`d3.metrics`; then average with equal
 weight per image and write ``per_sample.csv`` and ``summary.json``. ``--checkpoint`` predicts in the paper's
-geometry by default, a squash to the square processing resolution (:func:`load_predictor`); summary.json records it.
+geometry by default, a squash to the square processing resolution (:mod:`d3.eval_predictor`); summary.json records
+it.
 Under torchrun each process scores the samples it owns (:mod:`d3.sharding`), and rank 0 aggregates every sample's
 :class:`SampleRecord` in dataset order, as one process does.
 
-Prediction files are found and read by :mod:`d3.prediction_files`, scored by :mod:`d3.scorers`, and reported
-by :mod:`d3.eval_report`.
+What a run is told is an :class:`EvalOptions` (:mod:`d3.eval_options`). Prediction files are found and read by
+:mod:`d3.prediction_files`, scored by :mod:`d3.scorers`, and reported by :mod:`d3.eval_report`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import os
 import traceback
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -27,85 +28,19 @@ import torch
 
 from d3.data.benchmarks import BENCHMARKS, GROUPS, Benchmark
 from d3.devices import resolve_device
+from d3.eval_options import EvalOptions
+from d3.eval_predictor import (
+    describe_geometry,
+    load_predictor,
+    outputs_per_image,
+    predictor_default_res,
+    predictor_resize_mode,
+)
 from d3.eval_report import format_group_table, format_table, jsonable, report_skipped
+from d3.flags import PROTOCOL
 from d3.prediction_files import EvaluationError, conform_prediction, read_prediction
-from d3.scorers import PROTOCOL, make_scorer
+from d3.scorers import make_scorer
 from d3.sharding import RankZeroFailed, Shard
-
-EVAL_RESIZE_MODE = "squash"  # the paper's protocol: the authors' square network input (see load_predictor)
-
-
-def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_or_path: str | None = None,
-                   official_preprocess: bool = False, resize_mode: str | None = None):
-    """A d3 folder (or its hub id) or the authors' .pth, which needs the SD 2.1 base for its VAE and prompt.
-
-    Set up for the paper's protocol by default: ``resize_mode`` (default ``squash``) replaces the checkpoint's own.
-    The authors train on squashed squares and predict on a squash of the whole image (their inference script: a
-    768x768 bilinear resize without antialiasing, and back the same way), and their tables come from such
-    predictions; ``squash`` does that at the checkpoint's processing resolution (768 for the paper's models and for
-    the authors' .pth). ``keep_aspect`` is ``infer.py``'s default geometry (long side to the processing resolution,
-    padded). ``official_preprocess`` also fixes the resolution at 768 whatever the checkpoint says."""
-    import dataclasses
-
-    from d3.checkpoint import RESIZE_MODES
-    from d3.loading import (
-        load_predictor as load,  # only the --checkpoint path needs the model code
-    )
-
-    mode = resize_mode or EVAL_RESIZE_MODE
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
-    if official_preprocess and mode != "squash":
-        raise ValueError("official_preprocess squashes to a square; it cannot be combined with resize mode " + mode)
-    predictor = load(checkpoint, device=device, pretrained_model_name_or_path=pretrained_model_name_or_path,
-                     official_preprocess=official_preprocess)
-    predictor.config = dataclasses.replace(predictor.config, resize_mode=mode)
-    return predictor
-
-
-def predictor_resize_mode(predictor) -> str | None:
-    config = getattr(predictor, "config", None)
-    mode = config.get("resize_mode") if isinstance(config, dict) else getattr(config, "resize_mode", None)
-    return mode if mode is not None else getattr(predictor, "resize_mode", None)
-
-
-def describe_geometry(resize_mode: str | None, processing_res: int | None) -> str:
-    """summary.json's words for the network input geometry of --checkpoint."""
-    if not processing_res:
-        return "native resolution (padded to the network's size multiple), no resizing"
-    if resize_mode == "squash":
-        return (f"squashed to {processing_res}x{processing_res} (aspect ratio not kept), bilinear without "
-                "antialiasing, predicted back to the original size the same way (the authors' inference)")
-    if resize_mode == "keep_aspect":
-        return (f"long side resized to {processing_res} (aspect ratio kept, antialiased when shrinking), padded to "
-                "the network's size multiple, cropped and resized back to the original size")
-    return f"the predictor's own at processing resolution {processing_res}"
-
-
-def predictor_default_res(predictor) -> int | None:
-    for obj in (predictor, getattr(predictor, "config", None)):
-        if obj is None:
-            continue
-        val = obj.get("processing_res") if isinstance(obj, dict) else getattr(obj, "processing_res", None)
-        if val is not None:
-            return int(val)
-    return None
-
-
-def _as_list(out: Any, n: int) -> list[Any]:
-    """The predictor's output for n images as n items: a list, or an array batched on dim 0."""
-    if isinstance(out, (list, tuple)):
-        items = list(out)
-    elif isinstance(out, (np.ndarray, torch.Tensor)) and out.ndim >= 3 and out.shape[0] == n:
-        items = [out[i] for i in range(n)]
-    elif n == 1:
-        items = [out]
-    else:
-        raise EvaluationError(f"predictor returned {type(out).__name__} for a batch of {n} images")
-    if len(items) != n:
-        raise EvaluationError(f"predictor returned {len(items)} outputs for {n} images")
-    return items
-
 
 # ----------------------------------------------------------------------------------------------
 # The loop
@@ -160,46 +95,34 @@ class ShardFailed(EvaluationError):
     """Another process of a sharded run failed; rank 0 reports why."""
 
 
-def evaluate_benchmark(
-    bench: Benchmark,
-    *,
-    predictions: os.PathLike | None = None,
-    predictor: Any = None,
-    checkpoint: str | None = None,
-    output: os.PathLike | None = None,
-    alignment: str | None = None,
-    alignment_max_res: Any = PROTOCOL,
-    pooling: str = "image",
-    processing_res: int | None = None,
-    device: Any = "auto",
-    allow_invalid: bool = False,
-    save_predictions: os.PathLike | None = None,
-    batch_size: int = 1,
-    progress: bool = True,
-    resize_mode: str | None = None,
-    shard: Shard | None = None,
-) -> dict[str, Any] | None:
-    """Score one benchmark; returns the summary (also written to ``output/summary.json``).
+def evaluate_benchmark(bench: Benchmark, options: EvalOptions | None = None, *, predictor: Any = None,
+                       shard: Shard | None = None) -> dict[str, Any] | None:
+    """Score one benchmark: ``options.predictions`` (a folder) or ``predictor``'s; returns the summary (also written
+    to ``options.output/summary.json``; output None: no files). ``options.checkpoint`` names the predictor there.
 
-    ``resize_mode`` is given to the predictor's ``predict`` (None: the predictor's own, e.g. what
-    :func:`load_predictor` set). ``shard``: this process's place in a sharded run (default: the only process). It
-    scores the samples it owns; with a rendezvous (torchrun) rank 0 gathers every process's records, writes the
-    files and returns the summary, the other ranks return None; without one, each process writes its share's
-    files under ``output/rank<r>_of_<n>/``. A sample that fails without ``allow_invalid`` fails every process."""
-    if (predictions is None) == (predictor is None):
+    ``options.resize_mode`` is given to the predictor's ``predict`` (None: the predictor's own, e.g. what
+    :func:`load_predictor` set); ``split``, ``pretrained_model_name_or_path`` and ``official_preprocess`` are
+    :func:`run`'s. ``shard``: this process's place in a sharded run (default: the only process). It scores the
+    samples it owns; with a rendezvous (torchrun) rank 0 gathers every process's records, writes the files and
+    returns the summary, the other ranks return None; without one, each process writes its share's files under
+    ``output/rank<r>_of_<n>/``. A sample that fails without ``allow_invalid`` fails every process."""
+    options = options or EvalOptions()
+    if (options.predictions is None) == (predictor is None):
         raise ValueError("give exactly one of predictions (a folder) or predictor")
     shard = shard or Shard()
-    device = resolve_device(device)
-    pred_dir = Path(predictions) if predictions is not None else None
+    device = resolve_device(options.device)
+    allow_invalid, resize_mode = options.allow_invalid, options.resize_mode
+    pred_dir = Path(options.predictions) if options.predictions is not None else None
     if pred_dir is not None and not pred_dir.is_dir():
         raise FileNotFoundError(f"{bench.name}: prediction folder {pred_dir} does not exist")
-    save_dir = Path(save_predictions) if save_predictions is not None else None
+    save_dir = Path(options.save_predictions) if options.save_predictions is not None else None
+    processing_res = options.processing_res
     if processing_res == PROTOCOL:
         processing_res = bench.protocol_processing_res
     task = getattr(predictor, "task", None)
     if predictor is not None and task is not None and bench.task != "segmentation" and task != bench.task:
         raise EvaluationError(f"{bench.name} is a {bench.task} benchmark but the checkpoint predicts {task!r}")
-    scorer = make_scorer(bench, device, alignment, alignment_max_res, pooling)
+    scorer = make_scorer(bench, device, options.alignment, options.alignment_max_res, options.pooling)
     gt_of = {e.rgb: e.gt for e in bench.entries} if pred_dir is not None else {}
     owned = [i for i in range(len(bench)) if shard.owns(i)]
 
@@ -210,7 +133,7 @@ def evaluate_benchmark(
         invalid = InvalidCounter(allow_invalid)
         records: list[SampleRecord] = []
         desc = f"Evaluating {bench.name}" + (f" (rank 0 of {shard.world_size})" if shard.sharded else "")
-        bar = tqdm(total=len(owned), desc=desc, disable=not (progress and shard.is_main), dynamic_ncols=True)
+        bar = tqdm(total=len(owned), desc=desc, disable=not (options.progress and shard.is_main), dynamic_ncols=True)
 
         def skip_or_raise(index: int, name: str, err: Exception) -> None:
             """Without --allow_invalid any unusable sample stops the run, naming it; with it, it is counted."""
@@ -220,7 +143,7 @@ def evaluate_benchmark(
                 raise EvaluationError(f"{err} (use --allow_invalid to skip and count such samples)") from err
             records.append(SampleRecord(index, name, skipped=str(err)))
 
-        for idx in _batches(owned, max(1, batch_size)):
+        for idx in _batches(owned, max(1, options.batch_size)):
             samples = []
             for i in idx:
                 try:
@@ -231,7 +154,7 @@ def evaluate_benchmark(
             if predictor is not None and samples:
                 geometry = {"resize_mode": resize_mode} if resize_mode is not None else {}
                 with torch.no_grad():
-                    raw = _as_list(predictor.predict([s.rgb for _, s in samples], processing_res=processing_res,
+                    raw = outputs_per_image(predictor.predict([s.rgb for _, s in samples], processing_res=processing_res,
                                                      batch_size=len(samples), **geometry), len(samples))
             else:
                 raw = []
@@ -289,7 +212,7 @@ def evaluate_benchmark(
             proto["resize_mode"] = None
             proto["geometry"] = "predictions read from files at GT resolution (made elsewhere, geometry unknown)"
         summary["protocol"] = proto
-        summary["checkpoint"] = str(checkpoint) if predictor is not None else None
+        summary["checkpoint"] = str(options.checkpoint) if predictor is not None else None
         summary["predictions"] = str(pred_dir) if pred_dir is not None else None
         summary["data_root"] = str(bench.root)
         summary["split"] = str(bench.split) if bench.split is not None else None
@@ -317,7 +240,7 @@ def evaluate_benchmark(
                 json.dump(jsonable(summary), f, indent=2)
         return summary
 
-    out_dir = Path(output) if output is not None else None
+    out_dir = Path(options.output) if options.output is not None else None
     if not (shard.sharded and shard.can_gather()):
         if shard.sharded and out_dir is not None:  # no rendezvous: each process its own share's files
             out_dir = share_output(out_dir, shard)
@@ -354,58 +277,46 @@ def share_output(output: Path, shard: Shard) -> Path:
     return output / f"rank{shard.rank}_of_{shard.world_size}"
 
 
-def run(
-    dataset: str,
-    data_root: os.PathLike,
-    *,
-    checkpoint: str | None = None,
-    predictions: os.PathLike | None = None,
-    predictor: Any = None,
-    output: os.PathLike | None = None,
-    split: os.PathLike | None = None,
-    reader_kwargs: dict[str, Any] | None = None,
-    print_fn=print,
-    shard: Shard | None = None,
-    **kwargs,
-) -> dict[str, dict[str, Any]]:
-    """Evaluate one dataset or a group (``all_depth`` / ``all_normal``); print the table; return
-    {dataset name: summary}. ``predictor`` may be passed instead of loading ``checkpoint``.
-    ``reader_kwargs`` go to the reader (for a group: ``{dataset name: kwargs}``); the other keyword
-    arguments to :func:`evaluate_benchmark`. ``shard``: this process's place among several (evaluate.py reads it
-    from torchrun's environment; default: the only process); with a rendezvous only rank 0 prints and returns the
-    summaries, the others return {}."""
-    if (checkpoint is None and predictor is None) == (predictions is None):
+def run(dataset: str, data_root: os.PathLike, options: EvalOptions | None = None, *, predictor: Any = None,
+        reader_kwargs: dict[str, Any] | None = None, print_fn=print, shard: Shard | None = None,
+        ) -> dict[str, dict[str, Any]]:
+    """Evaluate one dataset or a group (``all_depth`` / ``all_normal``) as ``options`` say (default:
+    :class:`EvalOptions`'s defaults); print the table; return {dataset name: summary}. ``predictor`` may be passed
+    instead of loading ``options.checkpoint``. ``reader_kwargs`` go to the reader (for a group: ``{dataset name:
+    kwargs}``). ``shard``: this process's place among several (evaluate.py reads it from torchrun's environment;
+    default: the only process); with a rendezvous only rank 0 prints and returns the summaries, the others return
+    {}."""
+    options = options or EvalOptions()
+    checkpoint = options.checkpoint
+    if (checkpoint is None and predictor is None) == (options.predictions is None):
         raise ValueError("give exactly one of --checkpoint or --predictions")
     shard = shard or Shard()
     data_root = Path(data_root)
     if not data_root.exists():
         raise FileNotFoundError(f"data root {data_root} does not exist")
-    output = Path(output) if output is not None else Path("eval_results") / dataset
-    device = kwargs.pop("device", "auto")
+    output = Path(options.output) if options.output is not None else Path("eval_results") / dataset
+    device = options.device
     # several processes on a GPU machine: one GPU each (LOCAL_RANK), as infer.py
     device = resolve_device(shard.device() if device in (None, "auto") and shard.device() else device)
-    base_model = kwargs.pop("pretrained_model_name_or_path", None)  # for an official .pth checkpoint
-    official_preprocess = kwargs.pop("official_preprocess", False)
-    resize_mode = kwargs.pop("resize_mode", None)  # None: squash for a checkpoint, a given predictor's own
+    options = replace(options, output=output, device=device)
     gathered = shard.sharded and shard.can_gather()
     with shard.connected():  # one rendezvous for the model load and every dataset of a group
         if predictor is None and checkpoint is not None:
+            load_args = (checkpoint, device, options.pretrained_model_name_or_path, options.official_preprocess,
+                         options.resize_mode)
             if not gathered:
-                predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
+                predictor = load_predictor(*load_args)
             else:  # a process that cannot load the model stops every process, not only itself
                 failure = None
                 try:
-                    predictor = load_predictor(checkpoint, device, base_model, official_preprocess, resize_mode)
+                    predictor = load_predictor(*load_args)
                 except Exception as e:  # noqa: BLE001 - reported by rank 0, then raised by every process
                     if not isinstance(e, (EvaluationError, ValueError, OSError)):
                         traceback.print_exc()
                     failure = f"rank {shard.rank} of {shard.world_size}: cannot load {checkpoint}: {e}"
                 _agree(shard, failure)
-        elif resize_mode is not None:
-            kwargs["resize_mode"] = resize_mode
-        return _run_loaded(dataset, data_root, shard, gathered, checkpoint=checkpoint, predictions=predictions,
-                           predictor=predictor, output=output, split=split, reader_kwargs=reader_kwargs,
-                           print_fn=print_fn, device=device, **kwargs)
+            options = replace(options, resize_mode=None)  # load_predictor set it on the predictor (None: squash)
+        return _run_loaded(dataset, data_root, options, predictor, shard, gathered, reader_kwargs, print_fn)
 
 
 def _agree(shard: Shard, failure: str | None) -> None:
@@ -418,10 +329,11 @@ def _agree(shard: Shard, failure: str | None) -> None:
         raise EvaluationError(failed) if shard.is_main else ShardFailed(failed)
 
 
-def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint, predictions, predictor, output,
-                split, reader_kwargs, print_fn, device, **kwargs) -> dict[str, dict[str, Any]]:
-    label = str(checkpoint) if checkpoint is not None else str(predictions)
-    save = kwargs.pop("save_predictions", None)
+def _run_loaded(dataset: str, data_root: Path, options: EvalOptions, predictor: Any, shard: Shard, gathered: bool,
+                reader_kwargs: dict[str, Any] | None, print_fn) -> dict[str, dict[str, Any]]:
+    """:func:`run` once the predictor (if any) is loaded; ``options.output`` and ``options.device`` are set."""
+    predictions, save, output = options.predictions, options.save_predictions, Path(options.output)
+    label = str(options.checkpoint) if options.checkpoint is not None else str(predictions)
     if gathered and not shard.is_main:
         print_fn = _silent  # rank 0 prints the run's tables
     elif shard.sharded and not gathered:  # RANK / WORLD_SIZE without a rendezvous: each process its own share
@@ -431,7 +343,7 @@ def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint,
         label = f"{label} [{where}]"
 
     if dataset in GROUPS:
-        if split is not None:
+        if options.split is not None:
             raise ValueError("--split applies to a single dataset, not to " + dataset)
         summaries: dict[str, dict[str, Any]] = {}
         for name in GROUPS[dataset]:
@@ -442,10 +354,10 @@ def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint,
                          "skipped")
                 continue
             bench = cls(loc, None, **(reader_kwargs or {}).get(name, {}))
-            summary = evaluate_benchmark(
-                bench, predictions=Path(predictions) / name if predictions is not None else None,
-                predictor=predictor, checkpoint=checkpoint, output=output / name, device=device,
-                save_predictions=Path(save) / name if save is not None else None, shard=shard, **kwargs)
+            per_set = replace(options, output=output / name,
+                              predictions=Path(predictions) / name if predictions is not None else None,
+                              save_predictions=Path(save) / name if save is not None else None)
+            summary = evaluate_benchmark(bench, per_set, predictor=predictor, shard=shard)
             if summary is not None:
                 summaries[name] = summary
         if gathered and not shard.is_main:
@@ -461,9 +373,8 @@ def _run_loaded(dataset, data_root, shard: Shard, gathered: bool, *, checkpoint,
 
     if dataset not in BENCHMARKS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(BENCHMARKS) + sorted(GROUPS)}")
-    bench = BENCHMARKS[dataset](data_root, split, **(reader_kwargs or {}))
-    summary = evaluate_benchmark(bench, predictions=predictions, predictor=predictor, checkpoint=checkpoint,
-                                 output=output, device=device, save_predictions=save, shard=shard, **kwargs)
+    bench = BENCHMARKS[dataset](data_root, options.split, **(reader_kwargs or {}))
+    summary = evaluate_benchmark(bench, options, predictor=predictor, shard=shard)
     if summary is None:  # another rank than 0 of a sharded run
         return {}
     print_fn(format_table([summary]))

@@ -2,7 +2,7 @@
 
 Nothing here imports torch, diffusers, transformers or accelerate, so ``--help`` and a mistyped flag answer at once:
 each script builds its parser from this module, checks every flag (``validate`` functions raising
-:class:`FlagError`), and only then imports the model code. The modules that own these names (``d3.predictor``,
+:class:`FlagError`, run by :func:`parse_checked`), and only then imports the model code. The modules that own these names (``d3.predictor``,
 ``d3.backbone``, ``d3.data.mixing``, ...) import them from here, so each is written down once.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,6 +29,7 @@ MIXING_MODES = ("official", "paper")
 LAYER_SETS = ("up", "down", "all")
 HEAD_TYPES = ("cleandift", "linear", "none")
 ALIGNMENTS = ("least_square", "least_square_disparity", "none")
+PROTOCOL = "protocol"  # evaluation: the dataset's own alignment_max_res / Marigold processing resolution
 
 
 class CheckpointError(ValueError):
@@ -89,6 +91,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def parse_checked(parser: argparse.ArgumentParser, validate: Callable[[argparse.Namespace], None],
+                  argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, then ``validate`` (the checks that need no model): a :class:`FlagError` it raises
+    becomes the parser's usage error (one line on stderr, exit status 2)."""
+    args = parser.parse_args(argv)
+    try:
+        validate(args)
+    except FlagError as err:
+        parser.error(str(err))
+    return args
 
 
 # ----------------------------------------------------------------------------------------------- value checks

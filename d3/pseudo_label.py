@@ -313,12 +313,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        validate_args(args)
-    except flags.FlagError as err:
-        parser.error(str(err))
+    args = flags.parse_checked(build_parser(), validate_args, argv)
     counts = run(args)
     return 1 if counts.failed else 0
 

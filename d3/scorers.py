@@ -10,8 +10,7 @@ import torch
 
 from d3 import metrics as M
 from d3.data.benchmarks import Benchmark, BenchmarkSample, DepthBenchmark
-
-PROTOCOL = "protocol"  # sentinel: the dataset's own alignment_max_res / Marigold processing resolution
+from d3.flags import PROTOCOL  # sentinel: the dataset's own alignment_max_res / Marigold processing resolution
 
 
 class Scorer:

@@ -6,18 +6,13 @@ answer before torch, diffusers or accelerate are imported.
 
 from __future__ import annotations
 
-from .flags import FlagError
+from .flags import parse_checked
 from .training_args import TaskRecipe, build_parser, validate_args
 
 
 def main(recipe: TaskRecipe, argv: list[str] | None = None, description: str | None = None) -> None:
     """Parse and check the flags, then train (the model code is imported only now)."""
-    parser = build_parser(recipe, description)
-    args = parser.parse_args(argv)
-    try:
-        validate_args(args, recipe)
-    except FlagError as err:
-        parser.error(str(err))
+    args = parse_checked(build_parser(recipe, description), lambda args: validate_args(args, recipe), argv)
     from .training import train  # noqa: PLC0415  (torch, diffusers, accelerate: only for a run that will start)
 
     train(args, recipe)

@@ -8,6 +8,7 @@ diffusers, transformers or accelerate are in `sys.modules`. The wall-clock bound
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from d3 import flags
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
@@ -173,6 +176,23 @@ def test_bad_flags_fail_at_once_with_one_line_before_the_model_code_loads(inputs
             failures.append(f"{command} {' '.join(args)}: status {proc.returncode}, heavy {heavy}, {wall:.1f} s, "
                             f"stderr {proc.stderr!r}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("parser_class", [flags.ArgumentParser, argparse.ArgumentParser])
+def test_parse_checked_turns_a_flag_error_into_the_usage_error(parser_class, capsys):
+    parser = parser_class(prog="tool")
+    parser.add_argument("--n", type=int, default=1)
+
+    def validate(args: argparse.Namespace) -> None:
+        flags.at_least("--n", args.n, 1)
+
+    with pytest.raises(SystemExit) as exit_:
+        flags.parse_checked(parser, validate, ["--n", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "tool: error: --n 0: must be at least 1" in err.splitlines()[-1]
+    assert flags.parse_checked(parser, validate, ["--n", "3"]) == argparse.Namespace(n=3)
+    assert capsys.readouterr() == ("", "")
 
 
 def test_good_flags_pass_the_checks(inputs, tiny_backbone_dir):

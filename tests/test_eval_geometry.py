@@ -13,7 +13,7 @@ import evaluate
 import infer
 from d3 import metrics as M
 from d3.data import benchmarks as B
-from d3.evaluation import run
+from d3.evaluation import EvalOptions, run
 from d3.prediction_files import EvaluationError, prediction_candidates
 from d3.checkpoint import RESIZE_MODES
 from d3.predictor import D3Predictor
@@ -180,7 +180,8 @@ def test_prediction_lookup_order(tmp_path):
 
     for rel, (alpha, _) in exp.items():
         Image.fromarray(np.round(alpha * 255).astype(np.uint8)).save(preds / f"{PurePosixPath(rel).stem}_alpha.png")
-    s = run("p3m", root, predictions=preds, output=tmp_path / "o", progress=False, print_fn=lambda *a: None)["p3m"]
+    s = run("p3m", root, EvalOptions(predictions=preds, output=tmp_path / "o", progress=False),
+            print_fn=lambda *a: None)["p3m"]
     assert s["mad"] == pytest.approx(0, abs=1e-12)
 
 
@@ -190,4 +191,5 @@ def test_the_dataset_folder_is_not_taken_for_predictions(tmp_path):
     F.write_diode(root)  # X.png next to its GT X_depth.npy: infer.py's depth name
     with pytest.raises(EvaluationError, match=r"is the ground truth itself; --predictions must be a folder of "
                                               r"predictions, not the dataset"):
-        run("diode", root, predictions=root, output=tmp_path / "o", progress=False, print_fn=lambda *a: None)
+        run("diode", root, EvalOptions(predictions=root, output=tmp_path / "o", progress=False),
+            print_fn=lambda *a: None)

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 import evaluate
 from d3 import metrics as M
 from d3.data import benchmarks as B
-from d3.evaluation import run
+from d3.evaluation import EvalOptions, run
 from d3.prediction_files import EvaluationError, marigold_pred_name
 from tests import benchmark_fixtures as F
 
@@ -43,7 +44,8 @@ def _write_preds(pred_dir, expected, transform=lambda g: g, naming=_ours):
 def _eval(name, root, preds, out, **kw):
     """The CLI for every set; ETH3D goes through run() for the small fixture buffer."""
     if name == "eth3d":
-        return run(name, root, predictions=preds, output=out, reader_kwargs=ETH3D_KW, progress=False, **kw)[name]
+        return run(name, root, EvalOptions(predictions=preds, output=out, progress=False, **kw),
+                   reader_kwargs=ETH3D_KW)[name]
     args = ["--dataset", name, "--data-root", str(root), "--predictions", str(preds), "--output", str(out),
             "--no_progress"]
     for k, v in kw.items():
@@ -132,13 +134,14 @@ def test_depth_summary_csv_and_table(depth_sets, tmp_path, capsys):
 def test_eth3d_uses_max_res_and_overrides(depth_sets, tmp_path):
     root, expected = depth_sets["eth3d"]
     preds = _write_preds(tmp_path / "p", expected, lambda g: np.sqrt(g) + 0.1 * np.sin(np.arange(g.size)).reshape(g.shape))
-    s = run("eth3d", root, predictions=preds, output=tmp_path / "a", reader_kwargs=ETH3D_KW, progress=False)["eth3d"]
+    opts = EvalOptions(predictions=preds, progress=False)
+    s = run("eth3d", root, replace(opts, output=tmp_path / "a"), reader_kwargs=ETH3D_KW)["eth3d"]
     assert s["protocol"]["alignment_max_res"] == 1024  # 36 columns < 1024: a no-op here
-    s2 = run("eth3d", root, predictions=preds, output=tmp_path / "b", reader_kwargs=ETH3D_KW, progress=False,
-             alignment_max_res=12)["eth3d"]
+    s2 = run("eth3d", root, replace(opts, output=tmp_path / "b", alignment_max_res=12),
+             reader_kwargs=ETH3D_KW)["eth3d"]
     assert s2["protocol"]["alignment_max_res"] == 12 and s2["abs_rel"] != s["abs_rel"]
-    s3 = run("eth3d", root, predictions=preds, output=tmp_path / "c", reader_kwargs=ETH3D_KW, progress=False,
-             alignment="least_square_disparity")["eth3d"]
+    s3 = run("eth3d", root, replace(opts, output=tmp_path / "c", alignment="least_square_disparity"),
+             reader_kwargs=ETH3D_KW)["eth3d"]
     assert s3["protocol"]["alignment"] == "least_square_disparity"
 
 
@@ -305,26 +308,36 @@ class _FakePredictor:
         return [img.astype(np.float32).mean(-1) / 255.0 for img in images]
 
 
+def test_the_options_default_as_the_flags_do(tmp_path):
+    """EvalOptions() is what evaluate.py runs without optional flags, so a program and the command agree."""
+    args = evaluate.build_parser().parse_args(["--dataset", "nyu", "--data-root", str(tmp_path), "--predictions", "p"])
+    assert evaluate.eval_options(args) == EvalOptions(predictions="p")
+    args = evaluate.build_parser().parse_args(["--dataset", "nyu", "--data-root", str(tmp_path), "--checkpoint", "c",
+                                               "--alignment_max_res", "0", "--no_progress"])
+    assert evaluate.eval_options(args) == EvalOptions(checkpoint="c", alignment_max_res=0, progress=False)
+
+
 def test_in_memory_predictor_path(depth_sets, tmp_path):
     root, expected = depth_sets["scannet"]
     fake = _FakePredictor()
-    s = run("scannet", root, predictor=fake, checkpoint="fake-ckpt", output=tmp_path / "o",
-            save_predictions=tmp_path / "saved", batch_size=2, progress=False)["scannet"]
+    s = run("scannet", root, EvalOptions(checkpoint="fake-ckpt", output=tmp_path / "o",
+                                         save_predictions=tmp_path / "saved", batch_size=2, progress=False),
+            predictor=fake)["scannet"]
     assert fake.calls == [(2, None)]
     assert s["checkpoint"] == "fake-ckpt" and s["predictions"] is None
     assert s["protocol"]["processing_res"] == 768  # the checkpoint's default, recorded
     # the saved predictions score identically through --predictions
     s2 = _eval("scannet", root, tmp_path / "saved", tmp_path / "o2")
     assert {k: s2[k] for k in M.DEPTH_METRICS} == {k: s[k] for k in M.DEPTH_METRICS}
-    run("scannet", root, predictor=fake, checkpoint="x", output=tmp_path / "o3", processing_res=512, progress=False)
+    opts = EvalOptions(checkpoint="x", progress=False)
+    run("scannet", root, replace(opts, output=tmp_path / "o3", processing_res=512), predictor=fake)
     assert fake.calls[-1] == (1, 512)
     assert json.loads((tmp_path / "o3" / "summary.json").read_text())["protocol"]["processing_res"] == 512
-    run("scannet", root, predictor=fake, checkpoint="x", output=tmp_path / "o4", processing_res="protocol",
-        progress=False)
+    run("scannet", root, replace(opts, output=tmp_path / "o4", processing_res="protocol"), predictor=fake)
     assert fake.calls[-1] == (1, 0)  # Marigold's ScanNet setting: native resolution
     fake.task = "normal"
     with pytest.raises(EvaluationError, match="scannet is a depth benchmark but the checkpoint predicts 'normal'"):
-        run("scannet", root, predictor=fake, checkpoint="x", output=tmp_path / "o5", progress=False)
+        run("scannet", root, replace(opts, output=tmp_path / "o5"), predictor=fake)
 
 
 def test_checkpoint_end_to_end_tiny_backbone(depth_sets, tmp_path, request):

@@ -873,14 +873,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--supersample", type=int, default=3, help="sub-pixel rays per axis on edges")
     parser.add_argument("--invalid_fraction", type=float, default=0.0, help="blank this much depth")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
+
+    def validate(args) -> None:
         for flag in ("--num_scenes", "--height", "--width", "--supersample"):
             flags.at_least(flag, getattr(args, flag[2:]), 1)
         flags.between("--hfov_deg", args.hfov_deg, 1, 179)
         flags.between("--invalid_fraction", args.invalid_fraction, 0, 1)
-    except flags.FlagError as err:
-        parser.error(str(err))
+
+    args = flags.parse_checked(parser, validate, argv)
     root = write_synthetic_dataset(
         args.output,
         args.num_scenes,

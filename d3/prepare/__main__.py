@@ -29,17 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """The checks before any file is converted (FlagError naming the flag otherwise)."""
+    flags.existing_path("--src", args.src, "no such folder", folder=True)
+    flags.at_least("--workers", args.workers, 0)
+    if Path(args.dst).exists() and not Path(args.dst).is_dir():
+        raise flags.bad("--dst", args.dst, "is a file, not a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 when every planned sample exists afterwards, 1 when some failed (they are listed)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        flags.existing_path("--src", args.src, "no such folder", folder=True)
-        flags.at_least("--workers", args.workers, 0)
-        if Path(args.dst).exists() and not Path(args.dst).is_dir():
-            raise flags.bad("--dst", args.dst, "is a file, not a folder")
-    except flags.FlagError as err:
-        parser.error(str(err))
+    args = flags.parse_checked(build_parser(), validate_args, argv)
     counts = importlib.import_module(f".{args.source}", __package__).run(args)
     return 1 if counts.failed else 0
 
