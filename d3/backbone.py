@@ -11,6 +11,7 @@ VAE, flow-matching scheduler and its text encoders (Flux: CLIP + T5; SD3: CLIP-L
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,6 @@ def _architecture(name_or_path: str, revision: str | None) -> str:
         except ValueError as err:
             raise BackboneLoadError(str(err)) from None
     try:  # a hub id: one small file tells the architecture; if it cannot be had, the UNet path reports the error
-        import json
 
         from huggingface_hub import hf_hub_download
 

@@ -33,6 +33,7 @@ A bare tensor is accepted as ``{"encoder_hidden_states": tensor}`` (what the UNe
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -490,7 +491,6 @@ def as_denoiser(model: nn.Module | Denoiser, scheduler=None) -> Denoiser:
 
 def detect_architecture(folder: str | Path) -> str:
     """'unet' or the DiT in a diffusers folder (pipeline or d3 checkpoint), from transformer/config.json."""
-    import json
 
     folder = Path(folder)
     config = folder / "transformer" / "config.json"

@@ -3,6 +3,7 @@ and that geometry in summary.json's words. The model code loads only when :func:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,6 @@ def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_
     predictions; ``squash`` does that at the checkpoint's processing resolution (768 for the paper's models and for
     the authors' .pth). ``keep_aspect`` is ``infer.py``'s default geometry (long side to the processing resolution,
     padded). ``official_preprocess`` also fixes the resolution at 768 whatever the checkpoint says."""
-    import dataclasses
 
     from d3.checkpoint import RESIZE_MODES
     from d3.loading import (

@@ -8,6 +8,7 @@ with ``local_files_only=True`` (the local cache still serves models downloaded b
 
 from __future__ import annotations
 
+import urllib.request
 import warnings
 from contextlib import contextmanager
 
@@ -40,7 +41,6 @@ def _ask(endpoint: str) -> str:
         if get_session is not None:
             status = get_session().head(endpoint, timeout=PROBE_TIMEOUT_S).status_code
         else:  # pragma: no cover
-            import urllib.request
 
             with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=PROBE_TIMEOUT_S) as r:
                 status = r.status

@@ -11,6 +11,7 @@ Both give the same predictions as the model that was trained (tests/test_dit.py)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -109,7 +110,6 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     """Only the LoRA weights (safetensors, with their LoraConfig as metadata), in diffusers' adapter format
     (what `save_lora_adapter` writes; done here so the frozen base weights are not touched or re-cast)."""
-    import json
 
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file

@@ -36,11 +36,14 @@ by path and the run goes on (exit status 1 at the end).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import socket
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
@@ -88,8 +91,6 @@ def is_plain(path: Path, image: Image.Image) -> bool:
 
 def hub_reachable(timeout: float = 5.0) -> bool:
     """One quick TCP connect to the hub instead of minutes of download retries when offline."""
-    import socket
-    from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
@@ -184,7 +185,6 @@ def _write_rgb(item: dict, path: Path) -> None:
 
 def predict(model, processor, items: list[dict], device, dtype) -> list[np.ndarray]:
     """Depth at each image's own size for a list of preprocessed items (grouped by input shape)."""
-    import inspect
 
     import torch
 

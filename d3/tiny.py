@@ -22,6 +22,8 @@ are), deterministically and offline; it says nothing about SD's own VAE.
 from __future__ import annotations
 
 import json
+import shutil
+import string
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,7 +207,6 @@ DIT_PRESETS: dict[str, dict] = {
 
 def _tiny_t5_tokenizer(max_length: int):
     """A T5 (Unigram) tokenizer from a generated vocabulary: <pad>=0, </s>=1, <unk>=2, then pieces; offline."""
-    import string
 
     from transformers import T5TokenizerFast
 
@@ -390,7 +391,6 @@ def teach_vae(backbone: str | Path, output: str | Path | None = None, steps: int
 
     The settings are written to ``<output>/d3_teach_vae.json``; when that file already holds the same settings (and
     the same source backbone's record), the folder is reused as it is."""
-    import shutil
 
     import torch  # here, not at the top: `python -m d3.tiny --help` imports no torch
     from diffusers import AutoencoderKL

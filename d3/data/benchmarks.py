@@ -17,6 +17,7 @@ P3M, the trimap.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -568,7 +569,6 @@ class SyntheticDepth(DepthBenchmark):
     def __init__(self, root, split=None) -> None:
         super().__init__(root, split)
         if self.source.exists("d3_dataset.json"):
-            import json
 
             meta = json.loads(self.source.read("d3_dataset.json"))
             self.min_depth = float(meta.get("min_depth", self.min_depth))

@@ -30,6 +30,7 @@ and where they apply ``depth_kind`` ("metric" | "relative" | "relative_inverse")
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import sys
 from collections import defaultdict
@@ -268,7 +269,6 @@ def run_conversion(
 
     bar = tqdm(total=len(todo), desc=name, unit="sample", dynamic_ncols=True)
     if workers and workers > 0 and len(todo) > 1:
-        import multiprocessing as mp
 
         with mp.Pool(workers, initializer=_init_worker, initargs=(folder, convert)) as pool:
             for result in pool.imap_unordered(_process, todo, chunksize=1):
