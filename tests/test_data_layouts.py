@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import train_depth
+import train_matting
 from d3.data.folders import TrainingFolder
 from d3.data.synthetic import write_synthetic_dataset
 
@@ -34,7 +35,7 @@ def test_matting_folder_layouts_pair_images_and_mattes_by_name(tmp_path, image_d
         alpha[10, 3:12] = 128
         _write_pair(tmp_path, image_dir, alpha_dir, name, alpha, seed=i)
         alphas[name] = alpha
-    ds = TrainingFolder(tmp_path, "alpha", 16)
+    ds = TrainingFolder(tmp_path, "alpha", 16, encode_target=train_matting.encode_alpha_target)
     assert [p.stem for p, _, _ in ds.items] == ["p_01", "p_02"]
     for (image, target, _), name in zip(ds.items, alphas):
         assert image.parent.name == image_dir and target == tmp_path / alpha_dir / f"{name}.png"
@@ -50,7 +51,7 @@ def test_a_folder_without_the_expected_subfolders_names_what_it_found(tmp_path):
     (tmp_path / "mask").mkdir()
     (tmp_path / ".cache").mkdir()  # hidden: not listed
     with pytest.raises(ValueError) as err:
-        TrainingFolder(tmp_path, "alpha", 16)
+        TrainingFolder(tmp_path, "alpha", 16, encode_target=train_matting.encode_alpha_target)
     msg = str(err.value)
     assert str(tmp_path) in msg
     assert "no image folder (expected one of rgb/, image/, images/, blurred_image/, original_image/)" in msg
@@ -61,7 +62,7 @@ def test_a_folder_without_the_expected_subfolders_names_what_it_found(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match=r"no image folder .* and no alpha folder \(expected one of alpha/, "
                                          r"alphas/, mask/, masks/\).*it has no subfolders"):
-        TrainingFolder(empty, "alpha", 16)
+        TrainingFolder(empty, "alpha", 16, encode_target=train_matting.encode_alpha_target)
 
 
 # ---------------------------------------------------------------------------------------------- depth_kind
@@ -139,4 +140,4 @@ def test_relative_depth_is_not_cut_by_a_metric_range_and_unknown_kinds_fail(tmp_
     (root / "d3_dataset.json").write_text(json.dumps({"depth_kind": "inverse_depth"}))
     with pytest.raises(ValueError, match=rf"{root / 'd3_dataset.json'}: depth_kind 'inverse_depth' is not one of "
                                          r"\('metric', 'relative', 'relative_inverse'\)"):
-        TrainingFolder(root, "depth", 4)
+        TrainingFolder(root, "depth", 4, encode_target=train_depth.encode_depth_target)
