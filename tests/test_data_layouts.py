@@ -46,6 +46,26 @@ def test_matting_folder_layouts_pair_images_and_mattes_by_name(tmp_path, image_d
     torch.testing.assert_close(sample["target"][:1], expected * 2 - 1, atol=1e-6, rtol=0)
 
 
+def test_a_matte_already_at_the_training_size_is_scaled_like_any_other(tmp_path):
+    """An 8-bit matte of exactly R×R was handed on as raw uint8 (a wrapped-around uint8 target); a float matte of
+    R×R was not clipped. Both now take the path of every other size (PIL's resize to the same size is the identity)."""
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[4:12, 2:9] = 255
+    alpha[12, 2:9] = 77
+    _write_pair(tmp_path / "eight", "images", "masks", "a", alpha, seed=0)
+    encode = train_matting.encode_alpha_target
+    target = TrainingFolder(tmp_path / "eight", "alpha", 16, encode_target=encode)[0]["target"]
+    expected = torch.from_numpy(alpha.astype(np.float32) / np.float32(255))[None] * 2 - 1
+    assert target.dtype == torch.float32 and torch.equal(target, expected.expand(3, -1, -1))
+
+    floats = tmp_path / "float"
+    _write_pair(floats, "images", "masks", "b", alpha, seed=1)
+    (floats / "masks" / "b.png").unlink()
+    np.save(floats / "masks" / "b.npy", alpha.astype(np.float32) / 200)  # up to 1.275: clipped to 1
+    target = TrainingFolder(floats, "alpha", 16, encode_target=encode)[0]["target"]
+    assert float(target.max()) == 1.0 and float(target.min()) == -1.0
+
+
 def test_a_folder_without_the_expected_subfolders_names_what_it_found(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "mask").mkdir()

@@ -345,13 +345,16 @@ def _resize_nearest(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _resize_alpha(alpha: np.ndarray, size: int) -> np.ndarray:
     """An alpha matte squashed to size², in [0, 1]. 8-bit mattes go through PIL's bilinear filter in 8 bits, exactly
-    as the authors load them; deeper ones (16-bit PNG, float .npy) are resized in float with the same filter."""
-    if alpha.shape == (size, size):
-        return alpha
+    as the authors load them; deeper ones (16-bit PNG, float .npy) are resized in float with the same filter. A matte
+    already at size² is scaled and clipped the same way (PIL's resize to the same size is the identity)."""
     if alpha.dtype == np.uint8:
-        return np.asarray(Image.fromarray(alpha).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    resized = Image.fromarray(alpha.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+        if alpha.shape != (size, size):
+            alpha = np.asarray(Image.fromarray(alpha).resize((size, size), Image.BILINEAR))
+        return alpha.astype(np.float32) / 255.0
+    if alpha.shape != (size, size):
+        alpha = np.asarray(Image.fromarray(alpha.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR),
+                           dtype=np.float32)
+    return np.clip(alpha, 0.0, 1.0)
 
 
 def collate(samples: list[dict]) -> dict:
