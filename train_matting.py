@@ -29,9 +29,14 @@ MIXING = {"p3m": 1.0}
 # Appendix 6.4 and the authors' train_matting.py: L_task = 5·MSE + 10·L1 + 50·multi-scale gradient (each has a --lambda_<term> flag).
 LOSS_WEIGHTS = {"mse": 5.0, "l1": 10.0, "grad": 50.0}
 
-# Target: alpha in [0, 1] mapped to alpha·2 − 1 and replicated on the 3 channels (built by the folder reader, as the
-# official loader does). Every pixel counts: the whole image is supervised, no mask. A horizontal flip needs no
-# change of the target's values, so the recipe keeps the default identity flip.
+
+def encode_alpha_target(sample: dict) -> torch.Tensor:
+    """Alpha (1,R,R) in [0, 1] -> the target image: alpha·2 − 1, repeated on the 3 channels, as the authors' loader
+    does. The reader has already squashed the matte to the training square (8-bit mattes in 8 bits with PIL's
+    bilinear filter, as the authors load them), so this is the final target. Every pixel counts: the whole image is
+    supervised, no mask. A horizontal flip needs no change of the target's values, so the recipe keeps the default
+    identity flip."""
+    return (sample["alpha"] * 2 - 1).expand(3, -1, -1).contiguous()
 
 
 def matting_task_loss(pred: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
@@ -49,6 +54,7 @@ RECIPE = TaskRecipe(
     default_mixing=MIXING,
     loss_weights=LOSS_WEIGHTS,
     task_loss=matting_task_loss,
+    encode_target=encode_alpha_target,
 )
 
 if __name__ == "__main__":

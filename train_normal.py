@@ -33,10 +33,14 @@ PAPER_MIXING = {"hypersim": 0.9, "sintel": 0.1}
 # Appendix 6.4: L_task = 8·MSE + 3·angular (radians) (each weight has a --lambda_<term> flag).
 LOSS_WEIGHTS = {"mse": 8.0, "angular": 3.0}
 
-# Target: the unit normal itself is the 3-channel image, components in [-1, 1], in the camera frame x right, y up,
-# z toward the camera (Marigold / Hypersim; a wall facing the camera is (0, 0, 1), shown as (n+1)/2 colours).
-# The folder reader builds it as the authors do: the normals bilinearly resized to the training square, not
-# re-normalised; the losses compare at the native size, where zero vectors (invalid pixels) are masked out.
+
+def encode_normal_target(sample: dict) -> torch.Tensor:
+    """Normals (3,H,W) -> the target image at the same size: the unit normals themselves, components in [-1, 1], in
+    the camera frame x right, y up, z toward the camera (Marigold / Hypersim; a wall facing the camera is (0, 0, 1),
+    shown as (n+1)/2 colours). As the authors do, they are not renormalised, here or after the reader resizes the
+    target bilinearly to the training square; invalid pixels stay zero vectors, which the losses (at the native
+    size) mask out."""
+    return sample["normal"]
 
 
 def flip_normal_target(target: torch.Tensor) -> torch.Tensor:
@@ -63,6 +67,7 @@ RECIPE = TaskRecipe(
     paper_mixing=PAPER_MIXING,
     loss_weights=LOSS_WEIGHTS,
     task_loss=normal_task_loss,
+    encode_target=encode_normal_target,
     flip_target=flip_normal_target,
 )
 

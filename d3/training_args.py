@@ -29,7 +29,9 @@ class TaskRecipe:
     default_mixing: dict[str, float]  # source kind -> sampling probability (renormalised over what is given)
     loss_weights: dict[str, float]  # term name -> default weight inside L_task
     task_loss: Callable[[torch.Tensor, dict], dict[str, torch.Tensor]]  # decoded prediction, batch -> terms
-    encode_target: Callable[[dict], torch.Tensor] | None = None  # raw sample -> 3-channel target in [-1, 1]
+    # the reader's raw ground truth -> 3-channel target in [-1, 1] (what each modality passes: d3.data.folders.
+    # TrainingFolder); every folder of raw ground truth needs it, only the authors' pre-encoded depth targets do not
+    encode_target: Callable[[dict], torch.Tensor] | None = None
     flip_target: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)  # after a horizontal flip
     default_datasets: list[str] = field(default_factory=list)
     paper_mixing: dict[str, float] | None = None  # the paper's stated shares where they differ (used by --mixing paper)

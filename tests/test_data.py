@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import train_depth
+import train_matting
+import train_normal
 from d3.data.folders import BadSampleError, TrainingFolder, open_sources
 from d3.data.mixing import mixing_probabilities, parse_dataset_spec
 
@@ -94,6 +98,42 @@ def test_depth_target_encoding_uses_2_98_quantiles_and_far_for_invalid():
     torch.testing.assert_close(target[0, 5, 5], (depth[0, 5, 5] - lo) / (hi - lo) * 2 - 1)
     assert float(target[0, 0, 0]) == 1.0  # invalid -> far plane
     assert float(target.min()) == -1.0 and float(target.max()) == 1.0  # clipped beyond the quantiles
+
+
+def test_recipes_encode_alpha_and_normal_targets_and_a_raw_folder_needs_an_encoder(tmp_path):
+    """Each recipe owns its target encoding; the reader resizes mattes before it (8 bits, PIL bilinear) and normal
+    targets after it (bilinear, no antialias). Expected values are computed here from the raw files alone."""
+    assert train_matting.RECIPE.encode_target is train_matting.encode_alpha_target
+    assert train_normal.RECIPE.encode_target is train_normal.encode_normal_target
+    rng = np.random.default_rng(3)
+    mattes = tmp_path / "mattes"
+    _write_rgb(mattes / "images" / "p.jpg")
+    (mattes / "masks").mkdir()
+    Image.fromarray(rng.integers(0, 256, (24, 40), dtype=np.uint8)).save(mattes / "masks" / "p.png")
+    normals = tmp_path / "normals"
+    _write_rgb(normals / "rgb" / "n.png")
+    (normals / "normal").mkdir()
+    normal = rng.normal(size=(20, 28, 3)).astype(np.float32)
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    normal[:3, :5] = 0  # invalid
+    np.save(normals / "normal" / "n.npy", normal)
+
+    [alpha_source] = open_sources(mattes, "alpha", 16, train_matting.RECIPE.encode_target)
+    with Image.open(mattes / "masks" / "p.png") as matte:
+        resized = matte.resize((16, 16), Image.BILINEAR)
+    alpha = torch.from_numpy(np.asarray(resized, dtype=np.float32) / np.float32(255))
+    assert torch.equal(alpha_source[0]["target"], (alpha * 2 - 1).expand(3, -1, -1))
+    [normal_source] = open_sources(normals, "normal", 16, train_normal.RECIPE.encode_target)
+    sample = normal_source[0]
+    expected = F.interpolate(torch.from_numpy(normal).permute(2, 0, 1)[None], size=(16, 16), mode="bilinear",
+                             align_corners=False)[0]  # not renormalised
+    assert torch.equal(sample["target"], expected)
+    assert torch.equal(sample["gt"], torch.from_numpy(normal).permute(2, 0, 1))  # native normals, as stored
+
+    for root, modality in ((mattes, "alpha"), (normals, "normal")):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(root))}: '{modality}' ground truth needs the task "
+                                             r"recipe's target encoding \(encode_target"):
+            TrainingFolder(root, modality, 16)
 
 
 def test_mixing_defaults_renormalise_over_the_given_sources():

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import train_depth
+import train_matting
 from d3.data.folders import TrainingFolder
 from d3.data.synthetic import write_synthetic_dataset
 
@@ -34,7 +35,7 @@ def test_matting_folder_layouts_pair_images_and_mattes_by_name(tmp_path, image_d
         alpha[10, 3:12] = 128
         _write_pair(tmp_path, image_dir, alpha_dir, name, alpha, seed=i)
         alphas[name] = alpha
-    ds = TrainingFolder(tmp_path, "alpha", 16)
+    ds = TrainingFolder(tmp_path, "alpha", 16, encode_target=train_matting.encode_alpha_target)
     assert [p.stem for p, _, _ in ds.items] == ["p_01", "p_02"]
     for (image, target, _), name in zip(ds.items, alphas):
         assert image.parent.name == image_dir and target == tmp_path / alpha_dir / f"{name}.png"
@@ -45,12 +46,32 @@ def test_matting_folder_layouts_pair_images_and_mattes_by_name(tmp_path, image_d
     torch.testing.assert_close(sample["target"][:1], expected * 2 - 1, atol=1e-6, rtol=0)
 
 
+def test_a_matte_already_at_the_training_size_is_scaled_like_any_other(tmp_path):
+    """An 8-bit matte of exactly R×R was handed on as raw uint8 (a wrapped-around uint8 target); a float matte of
+    R×R was not clipped. Both now take the path of every other size (PIL's resize to the same size is the identity)."""
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[4:12, 2:9] = 255
+    alpha[12, 2:9] = 77
+    _write_pair(tmp_path / "eight", "images", "masks", "a", alpha, seed=0)
+    encode = train_matting.encode_alpha_target
+    target = TrainingFolder(tmp_path / "eight", "alpha", 16, encode_target=encode)[0]["target"]
+    expected = torch.from_numpy(alpha.astype(np.float32) / np.float32(255))[None] * 2 - 1
+    assert target.dtype == torch.float32 and torch.equal(target, expected.expand(3, -1, -1))
+
+    floats = tmp_path / "float"
+    _write_pair(floats, "images", "masks", "b", alpha, seed=1)
+    (floats / "masks" / "b.png").unlink()
+    np.save(floats / "masks" / "b.npy", alpha.astype(np.float32) / 200)  # up to 1.275: clipped to 1
+    target = TrainingFolder(floats, "alpha", 16, encode_target=encode)[0]["target"]
+    assert float(target.max()) == 1.0 and float(target.min()) == -1.0
+
+
 def test_a_folder_without_the_expected_subfolders_names_what_it_found(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "mask").mkdir()
     (tmp_path / ".cache").mkdir()  # hidden: not listed
     with pytest.raises(ValueError) as err:
-        TrainingFolder(tmp_path, "alpha", 16)
+        TrainingFolder(tmp_path, "alpha", 16, encode_target=train_matting.encode_alpha_target)
     msg = str(err.value)
     assert str(tmp_path) in msg
     assert "no image folder (expected one of rgb/, image/, images/, blurred_image/, original_image/)" in msg
@@ -61,7 +82,7 @@ def test_a_folder_without_the_expected_subfolders_names_what_it_found(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match=r"no image folder .* and no alpha folder \(expected one of alpha/, "
                                          r"alphas/, mask/, masks/\).*it has no subfolders"):
-        TrainingFolder(empty, "alpha", 16)
+        TrainingFolder(empty, "alpha", 16, encode_target=train_matting.encode_alpha_target)
 
 
 # ---------------------------------------------------------------------------------------------- depth_kind
@@ -139,4 +160,4 @@ def test_relative_depth_is_not_cut_by_a_metric_range_and_unknown_kinds_fail(tmp_
     (root / "d3_dataset.json").write_text(json.dumps({"depth_kind": "inverse_depth"}))
     with pytest.raises(ValueError, match=rf"{root / 'd3_dataset.json'}: depth_kind 'inverse_depth' is not one of "
                                          r"\('metric', 'relative', 'relative_inverse'\)"):
-        TrainingFolder(root, "depth", 4)
+        TrainingFolder(root, "depth", 4, encode_target=train_depth.encode_depth_target)

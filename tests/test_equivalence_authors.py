@@ -32,10 +32,10 @@ RES = 32
 REL_TOL = 1e-5
 TERM_NAMES = {"mse": "mse_sample", "ssi": "ssi_sample", "grad": "gradient", "angular": "angular_sample",
               "l1": "l1_sample"}
-CASES = {  # task -> recipe, modality, fixture, stems (GT smaller / larger / other aspect than the square)
-    "depth": (train_depth.RECIPE, "depth", "depth_dir", ["ai_001_001", "Scene01_00001", "coco_0001"]),
-    "normal": (train_normal.RECIPE, "normal", "normal_dir", ["sintel_a", "room_b"]),
-    "matting": (train_matting.RECIPE, "alpha", "matting_dir", ["p_1", "p_2"]),
+CASES = {  # task -> recipe, fixture, stems (GT smaller / larger / other aspect than the square)
+    "depth": (train_depth.RECIPE, "depth_dir", ["ai_001_001", "Scene01_00001", "coco_0001"]),
+    "normal": (train_normal.RECIPE, "normal_dir", ["sintel_a", "room_b"]),
+    "matting": (train_matting.RECIPE, "matting_dir", ["p_1", "p_2"]),
 }
 
 
@@ -60,9 +60,10 @@ class D3Side:
         self.vae = backbone.vae.double().eval().requires_grad_(False)
         self.names = {layer: heads.keys[layer] for layer in self.layers}
 
-    def batch(self, root: Path, modality: str, stems: list[str], loss_resolution: str = "native") -> dict:
+    def batch(self, root: Path, recipe, stems: list[str], loss_resolution: str = "native") -> dict:
+        """The stems' samples as training reads them: the recipe's modality and target encoding."""
         samples = {}
-        for source in open_sources(root, modality, RES, None, loss_resolution=loss_resolution):
+        for source in open_sources(root, recipe.modality, RES, recipe.encode_target, loss_resolution=loss_resolution):
             for i, (image, _, _) in enumerate(source.items):
                 samples[image.stem] = source[i]
         return cast_batch(collate([samples[s] for s in stems]), torch.float64)
@@ -102,10 +103,10 @@ def draws(batch_size: int, seed: int = 7):
 
 
 def compare(side: D3Side, task: str, request, loss_resolution: str = "native"):
-    recipe, modality, fixture, stems = CASES[task]
+    recipe, fixture, stems = CASES[task]
     root = request.getfixturevalue(fixture)
     timesteps, noise = draws(len(stems))
-    ours, our_grads = side.step(recipe, side.batch(root, modality, stems, loss_resolution), timesteps, noise)
+    ours, our_grads = side.step(recipe, side.batch(root, recipe, stems, loss_resolution), timesteps, noise)
     theirs, their_grads = side.oracle(root, stems, task, timesteps, noise)
     return ours, our_grads, theirs, their_grads
 

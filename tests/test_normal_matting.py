@@ -132,7 +132,7 @@ def test_reader_target_is_the_unit_normal_and_a_flip_negates_x_like_the_mirrored
     normal = scene.normal.copy()
     normal[:4, :10] = 0  # a missing patch
     _plain_normal_folder(tmp_path, {"a": normal}, scene.rgb)
-    sample = TrainingFolder(tmp_path, "normal", 64)[0]
+    sample = TrainingFolder(tmp_path, "normal", 64, encode_target=train_normal.encode_normal_target)[0]
     target = sample["target"].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(target, normal, atol=1e-6)
     assert not sample["valid"][0, :4, :10].any() and sample["valid"][0, 4:].all()
@@ -164,7 +164,7 @@ def test_plain_folder_reads_16bit_and_8bit_png_normals_with_black_as_invalid(tmp
     Image.fromarray(colours8).save(tmp_path / "normal" / "b.png")
     for name in ("a", "b"):
         Image.fromarray(scene.rgb).save(tmp_path / "rgb" / f"{name}.png")
-    ds = TrainingFolder(tmp_path, "normal", 64)
+    ds = TrainingFolder(tmp_path, "normal", 64, encode_target=train_normal.encode_normal_target)
     for index, tol in ((0, 1e-4), (1, 1e-2)):
         sample = ds[index]
         valid = sample["valid"][0].numpy()
@@ -179,7 +179,7 @@ def test_plain_folder_reads_16bit_and_8bit_png_normals_with_black_as_invalid(tmp
     Image.fromarray(scene.rgb).save(bad / "rgb" / "c.png")
     np.save(bad / "normal" / "c.npy", scene.depth)  # (H, W): not normals
     with pytest.raises(BadSampleError, match=r"c\.npy.*\(H, W, 3\)"):
-        TrainingFolder(bad, "normal", 64)[0]
+        TrainingFolder(bad, "normal", 64, encode_target=train_normal.encode_normal_target)[0]
 
 
 def _h5_normals(path, normal: np.ndarray) -> None:
@@ -238,7 +238,7 @@ def test_p3m_training_layout_and_image_mask_pairs(tmp_path):
     (p3m / "mask").mkdir()
     Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(p3m / "blurred_image" / "p_1.jpg")
     Image.fromarray(alpha).save(p3m / "mask" / "p_1.png")
-    [source] = open_sources(p3m, "alpha", 16)
+    [source] = open_sources(p3m, "alpha", 16, train_matting.encode_alpha_target)
     sample = source[0]
     assert sample["target"].shape == (3, 16, 16) and "valid" not in sample  # mattes: the whole image counts
     assert all(torch.equal(sample["target"][0], sample["target"][c]) for c in (1, 2))  # alpha on every channel
@@ -254,7 +254,7 @@ def test_p3m_training_layout_and_image_mask_pairs(tmp_path):
     for name, mask in masks.items():
         Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(pairs / "images" / f"{name}.jpg")
         Image.fromarray(mask).save(pairs / "masks" / f"{name}.png")
-    ds = TrainingFolder(pairs, "alpha", 16)
+    ds = TrainingFolder(pairs, "alpha", 16, encode_target=train_matting.encode_alpha_target)
     assert len(ds) == len(masks)
     for i, name in enumerate(sorted(masks)):
         # grey-as-RGB, colour and 8-bit agree exactly (all resized in 8 bits, as the authors load mattes); the

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import train_matting
+import train_normal
 from d3.data.folders import DatasetMeta, TrainingFolder, read_array
 from d3.prepare import list_samples, read_manifest
 from d3.prepare.__main__ import main
@@ -274,7 +276,7 @@ def test_training_reader_reads_prepared_folders(hypersim, tmp_path):
     assert (depth.name, depth.meta.min_depth, depth.meta.max_depth, len(depth)) == ("hypersim", 1e-5, 65.0, 2)
     sample = depth[0]
     assert sample["valid"].sum() < sample["valid"].numel() and (sample["gt"][sample["valid"]] > 0.9).all()
-    normals = TrainingFolder(out, "normal", 16)
+    normals = TrainingFolder(out, "normal", 16, encode_target=train_normal.encode_normal_target)
     gt, valid = normals[1]["gt"], normals[1]["valid"][0]  # native-size normals and mask
     assert normals[1]["target"].shape == (3, 16, 16)
     assert torch.allclose(gt[:, valid].norm(dim=0), torch.ones(()), atol=1e-5) and not valid.all()
@@ -282,7 +284,8 @@ def test_training_reader_reads_prepared_folders(hypersim, tmp_path):
     p3m_raw = tmp_path / "p3m_raw"
     fx.write_p3m(p3m_raw)
     main(["p3m", "--src", str(p3m_raw), "--dst", str(tmp_path / "p3m")])
-    assert len(TrainingFolder(tmp_path / "p3m", "alpha", 16)) == 2
+    mattes = TrainingFolder(tmp_path / "p3m", "alpha", 16, encode_target=train_matting.encode_alpha_target)
+    assert len(mattes) == 2
 
 
 # --------------------------------------------------------------------------------------------

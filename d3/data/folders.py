@@ -28,11 +28,13 @@ loss fits its own scale and shift. Any other `depth_kind` is an error naming the
 
 A sample is what the authors' loaders give, with image and ground truth resized independently (their sizes need not
 match): "rgb" (3,R,R) in [-1, 1], squashed to the square training size with PIL's bilinear filter; "target" (3,R,R)
-the task's target image in [-1, 1] (bilinear, no antialias); for depth and normals "gt" (the metric depth (1,h,w) or
-the unit normals (3,h,w)) and "valid" (1,h,w) at the ground truth's NATIVE size (or at R×R with
-`loss_resolution="train"`), where the task losses are taken; "path" and "source". Depth is valid inside the source's
-range (Hypersim 1e-5 < d < 65 m, vKITTI and COCO 1e-5 < d < 80 m, else `min_depth`/`max_depth`), normals where
-‖n‖ > 1e-4. Batch with `collate`. Unreadable samples raise `BadSampleError` naming the file.
+the task's target image in [-1, 1], made by the task recipe's `encode_target` (see `TrainingFolder`; the authors'
+depth format carries it pre-encoded): depth and normal targets are encoded at native size, then resized bilinearly
+(no antialias), mattes are resized first; for depth and normals "gt" (the metric depth (1,h,w) or the unit normals
+(3,h,w)) and "valid" (1,h,w) at the ground truth's NATIVE size (or at R×R with `loss_resolution="train"`), where
+the task losses are taken; "path" and "source". Depth is valid inside the source's range (Hypersim 1e-5 < d < 65 m,
+vKITTI and COCO 1e-5 < d < 80 m, else `min_depth`/`max_depth`), normals where ‖n‖ > 1e-4. Batch with `collate`.
+Unreadable samples raise `BadSampleError` naming the file.
 """
 
 from __future__ import annotations
@@ -169,9 +171,22 @@ def _find_sibling(folder: Path, rel: str, exts: tuple[str, ...]) -> Path | None:
 class TrainingFolder(Dataset):
     """One source of training samples (plain format), resized to `resolution`².
 
-    `encode_target({"depth", "valid"}) -> (3,h,w)` is the task recipe's target encoding (e.g. depth normalisation),
-    applied at the ground truth's native size; it is called only when the format does not provide a target image.
+    `encode_target(raw) -> (3,h,w) in [-1, 1]` is the task recipe's target encoding (`TaskRecipe.encode_target`,
+    e.g. `train_depth.encode_depth_target`); the reader owns only reading, validity and resizing. `raw` holds:
+
+    * depth: ``{"depth": (1,h,w) float, invalid pixels zeroed, "valid": (1,h,w) bool}`` at the ground truth's
+      native size; the target is then resized bilinearly to R×R.
+    * normal: ``{"normal": (3,h,w) float (zero vectors = invalid), "valid": (1,h,w) bool}`` at native size; the
+      target is then resized bilinearly to R×R.
+    * alpha: ``{"alpha": (1,R,R) float in [0, 1]}``, already squashed to R×R (`_resize_alpha`: 8-bit mattes in 8
+      bits, as the authors load them); the target is used as returned.
+
+    A folder of raw ground truth (every plain folder, the authors' normal .h5) needs one: without it the constructor
+    raises a ValueError naming the folder and modality. A subclass whose files carry the encoded target
+    (`PRE_ENCODED_TARGET`: the authors' depth format) needs none.
     """
+
+    PRE_ENCODED_TARGET = False  # True: the files hold the target image itself; encode_target is not used
 
     def __init__(
         self,
@@ -199,6 +214,9 @@ class TrainingFolder(Dataset):
             self.items = self.items[:max_samples]
         if not self.items:
             raise ValueError(f"{self.root}: no training samples found for '{modality}' (see d3/data/folders.py)")
+        if encode_target is None and not self.PRE_ENCODED_TARGET:
+            raise ValueError(f"{self.root}: '{modality}' ground truth needs the task recipe's target encoding "
+                             "(encode_target, e.g. train_<task>.RECIPE.encode_target), and none was given")
 
     @property
     def name(self) -> str:
@@ -279,9 +297,9 @@ class TrainingFolder(Dataset):
         # Image and ground truth are resized independently (their sizes need not match), as the authors do.
         size = self.resolution
         sample: dict = {"path": str(image_path), "source": self.name, "rgb": resize_rgb(rgb, size)}
-        if "alpha" in raw:  # mattes are scored at the training size, over the whole image
+        if "alpha" in raw:  # mattes are resized first and scored at the training size, over the whole image
             alpha = torch.from_numpy(_resize_alpha(raw["alpha"], size))[None]
-            sample["target"] = (alpha * 2 - 1).expand(3, -1, -1).contiguous()
+            sample["target"] = self.encode_target({"alpha": alpha})
             return sample
         if "depth" in raw:
             gt = raw["depth"]
@@ -293,13 +311,11 @@ class TrainingFolder(Dataset):
             raise BadSampleError(f"{target_path}: no valid pixel")
         if "target_image" in raw:  # the authors' format: a target image already normalised to [0, 1]
             target = raw["target_image"] * 2 - 1
-        elif "normal" in raw:  # the normals themselves, not re-normalised (as the authors resize them)
-            target = gt
+        elif "normal" in raw:
+            target = self.encode_target({"normal": gt, "valid": valid})
         else:
-            if self.encode_target is None:
-                raise ValueError("this dataset needs an encode_target function for its raw ground truth")
             target = self.encode_target({"depth": gt * valid, "valid": valid})
-        sample["target"] = resize_bilinear(target, (size, size))
+        sample["target"] = resize_bilinear(target, (size, size))  # encoded at native size, then resized
         if self.loss_resolution == "train":
             gt = resize_bilinear(gt, (size, size)) if "normal" in raw else _resize_nearest(gt, size)
             valid = _resize_nearest(valid.float(), size) > 0.5
@@ -329,13 +345,16 @@ def _resize_nearest(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _resize_alpha(alpha: np.ndarray, size: int) -> np.ndarray:
     """An alpha matte squashed to size², in [0, 1]. 8-bit mattes go through PIL's bilinear filter in 8 bits, exactly
-    as the authors load them; deeper ones (16-bit PNG, float .npy) are resized in float with the same filter."""
-    if alpha.shape == (size, size):
-        return alpha
+    as the authors load them; deeper ones (16-bit PNG, float .npy) are resized in float with the same filter. A matte
+    already at size² is scaled and clipped the same way (PIL's resize to the same size is the identity)."""
     if alpha.dtype == np.uint8:
-        return np.asarray(Image.fromarray(alpha).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    resized = Image.fromarray(alpha.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+        if alpha.shape != (size, size):
+            alpha = np.asarray(Image.fromarray(alpha).resize((size, size), Image.BILINEAR))
+        return alpha.astype(np.float32) / 255.0
+    if alpha.shape != (size, size):
+        alpha = np.asarray(Image.fromarray(alpha.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR),
+                           dtype=np.float32)
+    return np.clip(alpha, 0.0, 1.0)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -347,8 +366,10 @@ def collate(samples: list[dict]) -> dict:
 
 class OfficialDepthFolder(TrainingFolder):
     """The authors' preprocessed depth set: rgb/<stem>.<ext>, depth/<stem>.h5 (normalised [0,1], H×W×3),
-    depth_ori/<stem>.h5 (metric). One instance per source, chosen by file-name prefix as the official loader does."""
+    depth_ori/<stem>.h5 (metric). One instance per source, chosen by file-name prefix as the official loader does.
+    The target comes pre-encoded (depth/), so no `encode_target` is needed or used."""
 
+    PRE_ENCODED_TARGET = True
     PREFIXES = {"hypersim": ("ai", ".png"), "vkitti": ("Scene", ".jpg"), "coco": ("coco", ".jpg")}
 
     def _load_target(self, path: Path, extra: Path | None) -> dict[str, torch.Tensor]:
@@ -385,7 +406,8 @@ class OfficialDepthFolder(TrainingFolder):
 
 class OfficialNormalFolder(TrainingFolder):
     """The authors' normal set: rgb/<stem>.*, normal/<stem>.h5 with key 'depth' (sic) holding H×W×3 normals.
-    Files starting with 'sintel' form the Sintel source, all others Hypersim."""
+    Files starting with 'sintel' form the Sintel source, all others Hypersim. The normals are raw: the task recipe's
+    `encode_target` makes the target, as for a plain folder."""
 
     def _load_target(self, path: Path, extra: Path | None) -> dict[str, torch.Tensor]:
         if not path.exists():
@@ -394,12 +416,13 @@ class OfficialNormalFolder(TrainingFolder):
         return {"normal": torch.from_numpy(np.ascontiguousarray(normal)).permute(2, 0, 1)}
 
     @classmethod
-    def sources(cls, root: Path, resolution: int, max_samples: int | None = None, **kw) -> list[TrainingFolder]:
+    def sources(cls, root: Path, resolution: int, encode_target: Callable[[dict], torch.Tensor] | None,
+                max_samples: int | None = None, **kw) -> list[TrainingFolder]:
         images = sorted(p for p in (root / "rgb").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         groups = {"sintel": [p for p in images if p.name.startswith("sintel")]}
         groups["hypersim"] = [p for p in images if not p.name.startswith("sintel")]
         return [
-            cls(root, "normal", resolution, None, max_samples,
+            cls(root, "normal", resolution, encode_target, max_samples,
                 items=[(p, root / "normal" / f"{p.stem}.h5", None) for p in items], meta=DatasetMeta(source=name),
                 **kw)
             for name, items in groups.items()
@@ -415,12 +438,15 @@ def open_sources(
     max_samples: int | None = None,
     loss_resolution: str = "native",
 ) -> list[TrainingFolder]:
-    """All training sources in a folder: one for the plain format, one per file-name group for the authors' format."""
+    """All training sources in a folder: one for the plain format, one per file-name group for the authors' format.
+    `encode_target` is the task recipe's target encoding (`TrainingFolder`); every format but the authors' depth
+    folders (whose targets come pre-encoded) needs it."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: no such dataset folder")
     if modality == "depth" and (root / "depth_ori").is_dir():
         return OfficialDepthFolder.sources(root, resolution, max_samples, loss_resolution=loss_resolution)
     if modality == "normal" and (root / "normal").is_dir() and any((root / "normal").glob("*.h5")):
-        return OfficialNormalFolder.sources(root, resolution, max_samples, loss_resolution=loss_resolution)
+        return OfficialNormalFolder.sources(root, resolution, encode_target, max_samples,
+                                            loss_resolution=loss_resolution)
     return [TrainingFolder(root, modality, resolution, encode_target, max_samples, loss_resolution=loss_resolution)]
