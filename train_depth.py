@@ -4,7 +4,8 @@ r"""Train a D³ depth predictor (paper §3, appendix 6.2–6.4).
         --dataset data/hypersim --dataset data/vkitti --dataset data/coco_pseudo --output_dir d3-depth
 
 The recipe, top to bottom: the prompt, the datasets and their mixing, how depth becomes a target image, the loss
-terms and their weights. Everything generic (the D³ step, the loop, checkpoints) is in `d3/training.py`.
+terms and their weights. Everything generic (the D³ step, the loop, checkpoints) is in `d3/`: the loop in
+`d3/training.py`, the parts it calls in `d3/training_setup.py`, `d3/training_data.py` and `d3/training_checkpoints.py`.
 """
 
 from __future__ import annotations

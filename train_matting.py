@@ -6,7 +6,8 @@ r"""Train a D³ alpha-matting predictor (paper §3, appendix 6.2–6.4), or any 
 `--dataset` takes P3M-10k's training folder (blurred_image/ + mask/), our plain folders (rgb/ + alpha/) or any folder
 of image/mask pairs (images/ + masks/, paired by file stem; masks 8- or 16-bit greyscale, 255 / 65535 = foreground).
 For the paper's few-shot domain tasks pass the task's own --prompt (README, "Few-shot segmentation"). The recipe,
-top to bottom: the prompt, the mixing, the target, the loss terms and their weights. The rest is in `d3/training.py`.
+top to bottom: the prompt, the mixing, the target, the loss terms and their weights. The rest is in `d3/training.py`
+(the loop) and the `d3/training_*.py` modules it calls.
 """
 
 from __future__ import annotations

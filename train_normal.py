@@ -5,7 +5,8 @@ r"""Train a D³ surface-normal predictor (paper §3, appendix 6.2–6.4).
 
 `--dataset` takes our plain folders (rgb/ + normal/ as (H,W,3) float .npy or 16-bit PNG) or the authors' released
 folder (rgb/ + normal/<stem>.h5; files named sintel* are its Sintel source). The recipe, top to bottom: the prompt,
-the mixing, how normals become a target image, the loss terms and their weights. The rest is in `d3/training.py`.
+the mixing, how normals become a target image, the loss terms and their weights. The rest is in `d3/training.py`
+(the loop) and the `d3/training_*.py` modules it calls.
 """
 
 from __future__ import annotations

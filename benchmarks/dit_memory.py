@@ -9,7 +9,7 @@ are instantiated on the meta device from their configs (FLUX.1-dev: diffusers' `
 with the guidance embedding; SD3-medium: its published transformer config; SD 2.1: `d3.tiny`'s "sd21" preset), and
 every figure is bytes per parameter times exact parameter counts. GB means 1e9 bytes.
 
-Per GPU, bf16 mixed precision (the precision `d3.training` stores frozen modules in):
+Per GPU, bf16 mixed precision (the precision d3's training stores frozen modules in):
 - full fine-tuning, AdamW: student fp32 weights 4 B/param + fp32 gradients 4 + AdamW's two fp32 states 8; the frozen
   teacher is a bf16 copy (2 B/param); VAE bf16; heads and the learned student timestep trained like the student;
 - full fine-tuning, 8-bit AdamW (`--use_8bit_adam`, bitsandbytes' AdamW8bit): states of 1 + 1 byte per element
@@ -46,7 +46,7 @@ from torch import nn  # noqa: E402
 GB = 1e9  # bytes; decimal, as the table says
 FSDP_CONFIG = ROOT / "configs" / "fsdp_flux.yaml"
 
-# bitsandbytes' AdamW8bit (what `d3.training.make_optimizer` builds with --use_8bit_adam, default arguments)
+# bitsandbytes' AdamW8bit (what `d3.training_setup.make_optimizer` builds with --use_8bit_adam, default arguments)
 BNB_MIN_8BIT_SIZE = 4096  # tensors with fewer elements keep fp32 states
 BNB_BLOCKSIZE = 256  # elements per fp32 absmax of the block-wise quantisation (current releases; 2048 in old ones)
 

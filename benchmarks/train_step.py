@@ -115,14 +115,14 @@ class Bench:
         import train_depth
         from d3.latents import vae_scale_factor
         from d3.devices import cast_module
-        from d3.training import adamw, apply_speed_flags
+        from d3.training_setup import adamw, apply_speed_flags
         from d3.reference_step import build_parts
 
         self.args, self.device = args, device
         self.dtype = weight_dtype(args.precision, device)
         backbone = ensure_backbone(args.backbone, args.cache_dir, args.backbone_dir)
         parts = build_parts(backbone, prompt=train_depth.PROMPT, perturb_heads=False, seed=args.seed)
-        # As in d3.training.train: frozen teacher and VAE stored in the mixed-precision dtype, trainables in fp32.
+        # As in d3.training_setup.build_model: frozen teacher and VAE stored in the mixed-precision dtype, trainables in fp32.
         parts.teacher = cast_module(parts.teacher, device, self.dtype)
         parts.vae = cast_module(parts.vae, device, self.dtype)
         parts.model.to(device)
@@ -187,7 +187,7 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> dict:
     from d3.objective import d3_step
-    from d3.training import apply_speed_flags, set_tf32
+    from d3.training_setup import apply_speed_flags, set_tf32
     from d3.reference_step import per_copy_step
 
     args = parse_args(argv)

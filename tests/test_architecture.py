@@ -101,7 +101,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_training_does_not_reach_the_inference_modules():
     graph = import_graph()
-    for module in ("d3.training", "d3.train_cli", "d3.objective", "d3.reference_step", "d3.losses", "d3.data.folders"):
+    for module in ("d3.training", "d3.training_setup", "d3.training_data", "d3.training_checkpoints", "d3.train_cli",
+                   "d3.objective", "d3.reference_step", "d3.losses", "d3.data.folders"):
         assert not reachable(graph, module) & INFERENCE, module
 
 
@@ -115,7 +116,8 @@ def test_benchmarks_do_not_import_tests():
 
 def test_inference_does_not_reach_training():
     graph = import_graph()
-    training = {"d3.training", "d3.training_args", "d3.train_cli", "d3.reference_step", "d3.data.mixing"}
+    training = {"d3.training", "d3.training_args", "d3.training_setup", "d3.training_data", "d3.training_checkpoints",
+                "d3.train_cli", "d3.reference_step", "d3.data.mixing"}
     for module in sorted(INFERENCE):
         assert not reachable(graph, module) & training, module
 

@@ -27,7 +27,9 @@ from d3.heads import ProjectionHeads
 from d3.checkpoint import CheckpointError, D3Config
 from d3.predictor import D3Predictor, predictor_from_backbone
 from d3.objective import D3Model, Objective, Teacher, d3_step
-from d3.training import build_parser, build_student_and_teacher, export_predictor, make_optimizer, train
+from d3.training import build_parser, train
+from d3.training_checkpoints import export_predictor
+from d3.training_setup import build_student_and_teacher, make_optimizer
 from d3.reference_step import per_copy_step
 from tests.helpers import rel_err
 from tests.test_equivalence import REL_TOL, cast_batch, depth_batch

@@ -21,7 +21,7 @@ from d3.data.folders import collate, open_sources
 from d3.denoisers import as_denoiser
 from d3.heads import ProjectionHeads
 from d3.objective import D3Model, Objective, Teacher, d3_step
-from d3.training import step_generator
+from d3.training_data import step_generator
 from tests.authors_oracle import AuthorsHeads, authors_step, draw_timesteps
 from tests.test_authors_oracle import depth_dir, matting_dir, normal_dir  # noqa: F401 (fixtures)
 from tests.helpers import rel_err

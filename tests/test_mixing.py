@@ -17,7 +17,8 @@ from d3.data.mixing import (
     expected_shares,
     make_sampler,
 )
-from d3.training import build_parser, build_training_data
+from d3.training import build_parser
+from d3.training_data import build_training_data
 
 P = [0.76, 0.12, 0.12]
 

@@ -24,7 +24,8 @@ from d3.data.synthetic import Camera, Plane, Rect, SceneDescription, render, ren
 from d3.losses import multiscale_gradient_loss, normal_losses
 from d3.outputs import normal_to_rgb
 from d3.objective import Objective, d3_step
-from d3.training import build_parser, build_training_data, random_hflip
+from d3.training import build_parser
+from d3.training_data import build_training_data, random_hflip
 from d3.reference_step import build_parts, per_copy_step
 from tests.helpers import grads, rel_err
 from tests.test_equivalence import cast_batch

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 import train_depth
 from d3.checkpoint import CheckpointError
 from d3.predictor import D3Predictor
-from d3.training import build_parser, resolve_resume, train
+from d3.training import build_parser, train
+from d3.training_checkpoints import resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "reliability_train_driver.py"
@@ -244,7 +245,7 @@ def test_on_bad_sample_error_stops_with_one_line_naming_the_file(data_with_bad_s
 def test_a_kill_between_the_two_renames_of_a_resave_loses_no_checkpoint(tmp_path):
     """Re-saving checkpoint-N sets the old one aside (.old), renames the new one in (.tmp -> final), then deletes the
     aside. Killed in between, the next start puts the old one back, or drops it once the new one is in place."""
-    from d3.training import clean_interrupted_saves
+    from d3.training_checkpoints import clean_interrupted_saves
 
     def folder(name: str, marker: str) -> None:
         (tmp_path / name).mkdir()

@@ -96,7 +96,7 @@ def test_busy_error_names_an_unknown_holder_when_the_file_is_empty(tmp_path, mon
 def test_train_refuses_a_folder_in_use_before_loading_anything(tiny_backbone_dir, synthetic_train_dir, tmp_path,
                                                                monkeypatch, one_thread):
     import train_depth
-    import d3.training as training
+    import d3.training_setup as training_setup
     from d3.training import build_parser, train
 
     out = tmp_path / "run"
@@ -106,15 +106,15 @@ def test_train_refuses_a_folder_in_use_before_loading_anything(tiny_backbone_dir
         "--lr_warmup_steps", "0", "--dataloader_num_workers", "0", "--report_to", "none"])
     holder = hold(out)
     try:
-        real_load = training.load_backbone
+        real_load = training_setup.load_backbone
 
         def no_load(*a, **k):
             raise AssertionError("train() loaded the backbone before checking the output folder's lock")
 
-        monkeypatch.setattr(training, "load_backbone", no_load)
+        monkeypatch.setattr(training_setup, "load_backbone", no_load)
         with pytest.raises(SystemExit, match=rf"in use by another training run \(pid {holder.pid} on "):
             train(args, train_depth.RECIPE)
-        monkeypatch.setattr(training, "load_backbone", real_load)
+        monkeypatch.setattr(training_setup, "load_backbone", real_load)
     finally:
         kill(holder)
     result = train(args, train_depth.RECIPE)  # the holder is gone: the same arguments now train

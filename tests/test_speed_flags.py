@@ -25,7 +25,8 @@ import train_depth
 from d3.timesteps import stratified_timesteps
 from d3.prefetch import BackgroundWriter, ordered_prefetch, predict_files
 from d3.objective import Objective, d3_step
-from d3.training import adamw, apply_speed_flags, build_parser
+from d3.training import build_parser
+from d3.training_setup import adamw, apply_speed_flags
 from d3.reference_step import build_parts, per_copy_step
 from tests.helpers import grads, rel_err
 from tests.test_equivalence import cast_batch, depth_batch
