@@ -111,7 +111,7 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--channels_last", action="store_true", help="NHWC memory format for the UNets and the VAE")
     a("--compile", action="store_true", help="torch.compile student, teacher and VAE (one graph per resolution)")
     a("--allow_tf32", action="store_true", help="TF32 for the fp32 matmuls and convolutions (Ampere and newer)")
-    a("--no_fused_adam", action="store_true", help="the foreach AdamW instead of the fused one on CUDA")
+    a("--no_fused_adam", action="store_true", help="the foreach AdamW instead of the fused one (CUDA and CPU)")
     # memory for large backbones (FLUX.1-dev: README, "DiT backbones")
     a("--lora_rank", type=int, default=0,
       help="train LoRA adapters of this rank on the frozen student (0: full fine-tuning); the teacher then shares "

@@ -126,10 +126,34 @@ def test_fused_adamw_only_where_it_exists():
     params = [torch.nn.Parameter(torch.zeros(3))]
     ns = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.01,
                          adam_epsilon=1e-8, no_fused_adam=False)
-    assert not adamw(params, ns, torch.device("cpu")).defaults.get("fused")
+    assert adamw(params, ns, torch.device("cpu")).defaults.get("fused")
     assert adamw(params, ns, torch.device("cuda")).defaults.get("fused")  # built lazily: no GPU needed to check
+    assert not adamw(params, ns, torch.device("meta")).defaults.get("fused")  # no fused kernel there
     ns.no_fused_adam = True
     assert not adamw(params, ns, torch.device("cuda")).defaults.get("fused")
+    assert not adamw(params, ns, torch.device("cpu")).defaults.get("fused")
+
+
+def test_fused_cpu_adamw_takes_the_same_steps_as_the_foreach_one():
+    """The CPU default changed from foreach to fused: the same updates up to float rounding, over several steps."""
+    ns = SimpleNamespace(learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.01,
+                            adam_epsilon=1e-8, no_fused_adam=False)
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(257, generator=g), torch.randn(3, 5, generator=g)]
+    fused = [torch.nn.Parameter(t.clone()) for t in start]
+    foreach = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_fused = adamw(fused, ns, torch.device("cpu"))
+    ns.no_fused_adam = True
+    opt_foreach = adamw(foreach, ns, torch.device("cpu"))
+    for _ in range(5):
+        grads = [torch.randn(t.shape, generator=g) for t in start]
+        for params, opt in ((fused, opt_fused), (foreach, opt_foreach)):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            opt.step()
+    for a, b, s in zip(fused, foreach, start):
+        assert not torch.equal(a, s)  # they moved
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_training_runs_with_the_memory_flags(tiny_backbone_dir, synthetic_train_dir, tmp_path):
