@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: cuda > mps > cpu (several processes on GPUs: cuda:LOCAL_RANK each)")
     p.add_argument("--skip_existing", action="store_true", help="skip images whose outputs all exist already")
     p.add_argument("--workers", type=int, default=default_workers(),
-                   help="threads that read images ahead and write outputs behind the model (default: %(default)s)")
+                   help="threads that read images ahead and write outputs behind the model; 0: read and write in "
+                        "turn with the model, in one thread (default: %(default)s)")
     p.add_argument("--channels_last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE: slow first batch per input size, faster after")
@@ -75,7 +76,7 @@ def validate_args(args: argparse.Namespace) -> None:
     Whether --input holds any image is checked by `main`, which lists the files anyway."""
     flags.at_least("--processing_res", args.processing_res, 0)
     flags.at_least("--batch_size", args.batch_size, 1)
-    flags.at_least("--workers", args.workers, 1)
+    flags.at_least("--workers", args.workers, 0)
     if args.official_preprocess and args.resize_mode == "keep_aspect":
         raise FlagError("--official_preprocess squashes to a square, not --resize_mode keep_aspect")
     flags.existing_path("--input", args.input)

@@ -8,6 +8,9 @@ the GIL in their heavy loops, so threads are enough (no process pool, no picklin
 
 Images of the same network input size are batched together (`--batch_size`); the model is launched on a batch before
 the previous batch's results are copied back, so the device never waits for Python between batches.
+
+With `workers=0` reading and writing happen in the calling thread, between model calls: on a CPU whose cores the
+model already keeps busy, extra threads have nothing to hide and only compete with the model's own threads.
 """
 
 from __future__ import annotations
@@ -25,13 +28,40 @@ import torch
 from .flags import default_workers  # noqa: F401  (infer.py's --workers default)
 
 
+class InlineExecutor:
+    """The `concurrent.futures` executor interface, running each call at once in the caller's thread (workers=0)."""
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # handed to whoever asks for the result, as a thread pool would
+            future.set_exception(err)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+    def __enter__(self) -> InlineExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def executor(workers: int, name: str) -> ThreadPoolExecutor | InlineExecutor:
+    """`workers` threads, or none at all (0): the work runs in the calling thread."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name) if workers > 0 else InlineExecutor()
+
+
 def ordered_prefetch(items: Iterable[Any], fn: Callable[[Any], Any], workers: int, ahead: int) -> Iterator[tuple]:
-    """Yield (item, result, error) in input order, computing `fn(item)` in `workers` threads, at most `ahead` early.
+    """Yield (item, result, error) in input order, computing `fn(item)` in `workers` threads (0: in this one, when
+    the item is reached), at most `ahead` early.
 
     A failing item yields its exception instead of a result, so one bad file never stops the others. Bounded
     look-ahead keeps memory flat however long the folder is.
     """
-    ahead = max(1, ahead)
+    ahead = max(1, ahead) if workers > 0 else 1
 
     def guarded(item):
         try:
@@ -39,7 +69,7 @@ def ordered_prefetch(items: Iterable[Any], fn: Callable[[Any], Any], workers: in
         except Exception as err:  # reported per item by the caller
             return None, err
 
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="d3-read") as pool:
+    with executor(workers, "d3-read") as pool:
         queue: deque[tuple[Any, Future]] = deque()
         iterator = iter(items)
         for item in iterator:
@@ -68,7 +98,7 @@ class BackgroundWriter:
 
     def __init__(self, workers: int, on_done: Callable[[Any], None], on_error: Callable[[Any, BaseException], None],
                  max_pending: int | None = None, expected: tuple = (OSError,)):
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="d3-write")
+        self._pool = executor(workers, "d3-write")
         self._pending: deque[tuple[Any, Future]] = deque()
         self.max_pending = max_pending or 4 * max(1, workers)
         self.on_done, self.on_error, self.expected = on_done, on_error, expected
@@ -177,14 +207,15 @@ def predict_files(
     needs_image: bool = True,
 ) -> None:
     """Predict every (path, key) job: `read(path)` -> uint8 RGB and pre-processing in reader threads, the model on
-    batches of one input size, `write(key, prediction, image)` in writer threads.
+    batches of one input size, `write(key, prediction, image)` in writer threads (`workers=0`: no threads, each
+    step in turn; None: `default_workers()`).
 
     Every failure is reported once through `fail(path, reason)` and the other files go on: a file that cannot be
     read or pre-processed, a batch whose prediction fails (its images are retried one by one, so only the image at
     fault is reported), an output that cannot be written (OSError or ValueError). `needs_image=False` lets the
     input image go as soon as it is pre-processed (`write` then gets None): only a matting cut-out needs it.
     """
-    workers = workers or default_workers()
+    workers = default_workers() if workers is None else max(0, workers)
     batch_size = max(1, batch_size)
     res = predictor.config.processing_res if processing_res is None else processing_res
     mode = resize_mode or predictor.config.resize_mode

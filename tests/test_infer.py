@@ -69,3 +69,21 @@ def test_single_file_input_and_batching_do_not_change_results(tmp_path, tiny_dep
     a = np.load(tmp_path / "one" / "photo_depth.npy")
     b = np.load(tmp_path / "all" / "photo_depth.npy")
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_without_threads_the_outputs_are_the_same_and_a_bad_file_is_still_only_its_own_failure(tmp_path,
+                                                                                               tiny_depth_checkpoint):
+    """--workers 0 reads and writes in the model's thread (for a CPU the model keeps busy): same files, byte for
+    byte, as with reader and writer threads, and an unreadable image fails alone."""
+    make_images(tmp_path / "in")
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not a jpeg")
+    runs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}"
+        proc = run_infer("--input", str(tmp_path / "in"), "--checkpoint", str(tiny_depth_checkpoint), "--output",
+                         str(out), "--processing_res", "64", "--batch_size", "2", "--workers", workers)
+        assert proc.returncode == 1, proc.stderr
+        assert f"failed: {tmp_path / 'in' / 'broken.jpg'}:" in proc.stderr
+        assert proc.stdout.strip().splitlines()[-1].startswith("4 written, 0 skipped (already done), 1 failed")
+        runs[workers] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert len(runs["0"]) == 4 * 3 and runs["0"] == runs["2"]
