@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="default: cuda > mps > cpu (several processes on GPUs: cuda:LOCAL_RANK each)")
     p.add_argument("--skip_existing", action="store_true", help="skip images whose outputs all exist already")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--workers", type=int, default=None,
                    help="threads that read images ahead and write outputs behind the model; 0: read and write in "
-                        "turn with the model, in one thread (default: %(default)s)")
+                        "turn with the model, in one thread (default: 0 on the CPU, whose cores the model keeps "
+                        f"busy; {default_workers()} on a GPU)")
     p.add_argument("--channels_last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE: slow first batch per input size, faster after")

@@ -40,8 +40,12 @@ class FlagError(ValueError):
     """A flag's value is unusable; the message names the flag and the value."""
 
 
-def default_workers() -> int:
-    """Threads for reading and for writing: enough to hide I/O behind a GPU, never more than the cores."""
+def default_workers(device_type: str | None = None) -> int:
+    """Threads for reading and for writing: enough to hide I/O behind a GPU, never more than the cores. None on the
+    CPU (0: each step in turn, in one thread): there the model keeps every core busy, so threads have nothing to hide
+    and only compete with its own (on 2 cores at 256 px they cost 5 % of end-to-end throughput)."""
+    if device_type == "cpu":
+        return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 

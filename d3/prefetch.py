@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .flags import default_workers  # noqa: F401  (infer.py's --workers default)
+from .flags import default_workers
 
 
 class InlineExecutor:
@@ -208,14 +208,15 @@ def predict_files(
 ) -> None:
     """Predict every (path, key) job: `read(path)` -> uint8 RGB and pre-processing in reader threads, the model on
     batches of one input size, `write(key, prediction, image)` in writer threads (`workers=0`: no threads, each
-    step in turn; None: `default_workers()`).
+    step in turn; None: `default_workers` for the predictor's device, 0 on the CPU).
 
     Every failure is reported once through `fail(path, reason)` and the other files go on: a file that cannot be
     read or pre-processed, a batch whose prediction fails (its images are retried one by one, so only the image at
     fault is reported), an output that cannot be written (OSError or ValueError). `needs_image=False` lets the
     input image go as soon as it is pre-processed (`write` then gets None): only a matting cut-out needs it.
     """
-    workers = default_workers() if workers is None else max(0, workers)
+    device_type = torch.device(getattr(predictor, "device", "cpu")).type
+    workers = default_workers(device_type) if workers is None else max(0, workers)
     batch_size = max(1, batch_size)
     res = predictor.config.processing_res if processing_res is None else processing_res
     mode = resize_mode or predictor.config.resize_mode

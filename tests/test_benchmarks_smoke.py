@@ -61,16 +61,16 @@ def test_peers_benchmark_reports_every_peer_and_the_ratios(tiny_backbone_dir, tm
                          "--json", str(tmp_path / "peers.json"), *thread_flags])
     printed = capsys.readouterr().out
     model_only = "d3 model only (encode + UNet + decode, no files)"
-    for side in (*peers.PEERS, peers.D3_INLINE, model_only):
+    for side in (*peers.PEERS, peers.D3_THREADED, model_only):
         assert f"| {side} | CPU" in printed  # a table row per peer
         assert _finite(result[side]["images_per_s"]) and result[side]["peak_memory_bytes"] is not None
     for side in peers.PEERS:
         assert f"{side}: images/s relative to d3's" in printed
-    for side in (*peers.PEERS, peers.D3_INLINE):
+    for side in (*peers.PEERS, peers.D3_THREADED):
         assert result["written"][side] == result["images"] == 3  # every photograph got its files
     assert set(result["speedups"]) == {peers.MARIGOLD, peers.AUTHORS}
     assert all(_finite(s) for s in result["speedups"].values()) and _finite(result["ratio_e2e_model"])
-    assert _finite(result["ratio_inline"]) and f"{peers.D3_INLINE} / {peers.D3} (images/s)" in printed
+    assert _finite(result["ratio_threaded"]) and f"{peers.D3_THREADED} / {peers.D3} (images/s)" in printed
     assert "d3 end to end / d3 model only (images/s)" in printed
     assert printed.count("goal: d3 / ") == 2 and "goal: d3 end to end / model only" in printed
     assert "GEMM peak" in printed and 0 < result["efficiency_model"] < 1.5

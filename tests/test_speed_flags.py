@@ -259,6 +259,27 @@ def test_pipeline_overlaps_reading_model_and_writing():
     assert elapsed < 0.7, f"{elapsed:.2f} s: reading and writing are not overlapped with the model"
 
 
+def test_on_the_cpu_the_pipeline_reads_and_writes_in_the_models_thread_by_default():
+    """No reader/writer threads by default for a CPU predictor (they would compete with the model for its cores);
+    threads for a GPU's, and whenever --workers asks for them."""
+    from d3.flags import default_workers
+
+    assert default_workers("cpu") == 0 and default_workers("cuda") >= 1 and default_workers() >= 1
+    for workers, threaded in ((None, False), (1, True)):
+        threads = set()
+
+        def read(path):
+            threads.add(threading.current_thread() is threading.main_thread())
+            return _image(1)
+
+        def write(key, prediction, image):
+            threads.add(threading.current_thread() is threading.main_thread())
+
+        predict_files(FakePredictor(), [(Path(f"{i}.png"), i) for i in range(3)], read, write,
+                      lambda p, r: pytest.fail(r), batch_size=1, workers=workers)
+        assert threads == ({False} if threaded else {True}), workers
+
+
 def test_pipeline_batches_by_size_and_pads_a_compiled_models_last_batch():
     sizes = {0: (4, 4), 1: (8, 4), 2: (4, 4), 3: (4, 4), 4: (8, 4)}
     written = {}
@@ -270,7 +291,8 @@ def test_pipeline_batches_by_size_and_pads_a_compiled_models_last_batch():
     assert fake.batches == [2, 2, 2]  # (0, 2), (1, 4), then 3 alone, padded to the compiled batch size
 
 
-def test_pipeline_reports_each_failing_file_and_finishes_the_others():
+@pytest.mark.parametrize("workers", [2, 0])
+def test_pipeline_reports_each_failing_file_and_finishes_the_others(workers):
     failures, written = [], []
 
     def read(path):
@@ -288,7 +310,7 @@ def test_pipeline_reports_each_failing_file_and_finishes_the_others():
     names = ["a", "unreadable", "poison", "b", "readonly", "c"]
     fake = FakePredictor(fail_batches_over=2, poisoned=7.0)
     predict_files(fake, [(Path(f"{n}.png"), n) for n in names], read, write,
-                  lambda p, reason: failures.append((p.stem, reason)), batch_size=4, workers=2)
+                  lambda p, reason: failures.append((p.stem, reason)), batch_size=4, workers=workers)
     assert sorted(written) == ["a", "b", "c"]
     reasons = dict(failures)
     assert set(reasons) == {"unreadable", "poison", "readonly"}
