@@ -127,6 +127,9 @@ def save_training_checkpoint(accelerator, model, output_dir: Path, step: int, tr
     accelerator.wait_for_everyone()
     with quiet_loggers(*ACCELERATE_SAVE_LOGGERS):  # they would name the .tmp folder; the line below names the final
         accelerator.save_state(str(tmp / "training_state"))
+    # Every process has written its part (its random states) before the main process renames the folder: without
+    # this barrier a slower rank wrote into a folder already renamed away and failed.
+    accelerator.wait_for_everyone()
     full_state = gather_for_export(accelerator, model)
     if accelerator.is_main_process:
         (tmp / "training_state" / "trainer_state.json").write_text(json.dumps(trainer_state))
