@@ -59,9 +59,9 @@ def run(command: list[str], cwd: Path, timeout: int = 600, **env: str) -> subpro
 
 
 def launch(*args: str) -> list[str]:
-    """`accelerate launch ARGS`, through the launcher's module (the `accelerate` console script may not be on PATH)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    """`accelerate launch ARGS` as typed (no accelerate config: its defaults, one process), through the launcher's
+    module (the `accelerate` console script may not be on PATH)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *args]
 
 
 def test_the_three_commands_as_written(tmp_path, tiny_backbone_dir):
