@@ -127,7 +127,7 @@ def resolve_defaults(args: argparse.Namespace) -> list[str]:
                 looked = ", ".join(str(root / rel) for rel in BENCHMARKS[name].default_paths)
                 get = flags.BENCHMARK_DOWNLOADS[BENCHMARKS[name].task].format(root=root)
                 missing.append(f"{name} in {root}/ (looked for {looked}): {get}, or pass --data-root")
-        args.data_root = str(root)
+        args.data_root = str(root.expanduser())
     if args.checkpoint is None and args.predictions is None:
         task = BENCHMARKS[names[0]].task
         absent = flags.missing_checkpoint(task, "--checkpoint or --predictions")

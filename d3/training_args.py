@@ -188,7 +188,7 @@ def data_root_sources(data_dir: str, recipe: TaskRecipe) -> list[str]:
     for name in recipe.data_sources:
         path = Path(data_dir) / name
         if path.expanduser().is_dir():
-            found.append(str(path))
+            found.append(str(path.expanduser()))
             continue
         what, command = flags.TRAINING_SOURCES[name]
         missing.append(f"{path} ({what}, a source of the paper's {recipe.task} recipe): make it with "
