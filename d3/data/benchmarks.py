@@ -692,7 +692,8 @@ class SegmentationFolder(_ImageFolderBenchmark):
         for ln in lines:
             rgb = ln[0] if "/" in ln[0] else f"{image_dir}/{ln[0]}"
             if pairs.get(rgb) is None:
-                raise FileNotFoundError(f"{self.name}: split entry {ln[0]} has no mask in {self.gt_dir}/ of {self.root}")
+                raise FileNotFoundError(f"{self.name}: split entry {ln[0]} has no mask in {self.gt_dir}/ of "
+                                        f"{self.root}")
             out.append(Entry(rgb, pairs[rgb]))
         return out
 
