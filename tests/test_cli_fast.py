@@ -45,8 +45,8 @@ sys.exit(code if isinstance(code, int) else (0 if code is None else 1))
 """ % (HEAVY,)
 
 COMMANDS = {  # command -> its flags that are required (they have no default to show)
-    "infer.py": {"--input", "--checkpoint"},
-    "evaluate.py": {"--dataset", "--data-root"},
+    "infer.py": {"--input"},
+    "evaluate.py": {"--dataset"},
     "train_depth.py": set(),
     "train_normal.py": set(),
     "train_matting.py": set(),

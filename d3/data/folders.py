@@ -52,11 +52,10 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ..io import IMAGE_EXTENSIONS, ImageReadError, load_rgb
+from ..layouts import IMAGE_DIRS, TARGET_DIRS, TARGET_EXTS
 
 MODALITIES = ("depth", "normal", "alpha")
-RGB_DIRS = ("rgb", "image", "images", "blurred_image", "original_image")
-MODALITY_DIRS = {"depth": ("depth",), "normal": ("normal",), "alpha": ("alpha", "alphas", "mask", "masks")}
-MODALITY_EXTS = {"depth": (".npy", ".png", ".h5"), "normal": (".npy", ".png", ".h5"), "alpha": (".png", ".jpg", ".npy")}
+RGB_DIRS, MODALITY_DIRS, MODALITY_EXTS = IMAGE_DIRS, TARGET_DIRS, TARGET_EXTS  # d3.layouts: evaluation reads them too
 # Valid depth ranges of the official code's source types (metres).
 SOURCE_DEPTH_RANGE = {"hypersim": (1e-5, 65.0), "vkitti": (1e-5, 80.0), "coco": (1e-5, 80.0)}
 NORMAL_VALID_NORM = 1e-4  # a ground-truth normal shorter than this is invalid
