@@ -9,6 +9,10 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.quick
+
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = {"d3.predictor", "d3.loading", "d3.convert", "d3.pipeline", "d3.model_card", "d3.outputs", "d3.prefetch"}
 

@@ -99,6 +99,7 @@ def test_wheel_holds_the_package_and_the_commands(wheel):
         assert f"Requires-Dist: {dep}" in meta
 
 
+@pytest.mark.quick
 def test_installed_wheel_imports_from_anywhere_and_its_commands_run(wheel, tmp_path):
     target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
