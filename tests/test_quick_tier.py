@@ -4,9 +4,10 @@ Checked from the test files themselves (their `quick` marks and what the marked 
 added to `d3/` without a quick test on its path fails here, and so does a tier that shrinks below 30 tests:
 - the marker is registered (pyproject.toml), so `-m quick` selects and `--strict-markers` accepts it;
 - at least 30 test functions are marked (parametrized cases count once);
-- every module of `d3` is on a quick test's path: imported by it (a package: with its own modules), or imported by
-  a command it runs (`infer.py`, `evaluate.py`, `train_*.py`, `python -m d3.x`, a `d3-*` console command) or whose
-  `__main__` it imports to call, at any depth (a `__main__` dispatching to its package's modules reaches them all).
+- every module of `d3` is on a quick test's path: imported by it, or by a command it runs (`infer.py`, `evaluate.py`,
+  `train_*.py`, `python -m d3.x`, a `d3-*` console command), or by a module it imports; one step only, not the whole
+  import closure (which from any entry point is nearly the whole package). A `__main__` that dispatches to its
+  package's modules by name (`python -m d3.prepare <source>`) reaches them all.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tests.test_architecture import ROOT, import_graph, imports_of, module_name, reachable
+from tests.test_architecture import ROOT, import_graph, imports_of, module_name
 
 pytestmark = pytest.mark.quick
 
@@ -45,8 +46,19 @@ def quick_tests(tree: ast.Module) -> tuple[list[ast.FunctionDef], bool]:
     return found, whole
 
 
-def names_run(node: ast.AST, modules: set[str]) -> set[str]:
-    """Entry points and `d3` modules a test names in strings: "infer.py", ROOT / "evaluate.py", "-m", "d3.tiny"."""
+def commands_of(modules: set[str]) -> set[str]:
+    """The modules of `d3` that `python -m` runs: a package with a `__main__`, a module with a `__main__` block."""
+    out = set()
+    for name in modules:
+        path = ROOT / Path(*name.split("."))
+        if (path / "__main__.py").is_file() or (path.with_suffix(".py").is_file()
+                                                 and 'if __name__ == "__main__"' in path.with_suffix(".py").read_text()):
+            out.add(name)
+    return out
+
+
+def names_run(node: ast.AST, commands: set[str]) -> set[str]:
+    """Entry points and `d3` commands a test names in strings: "infer.py", ROOT / "evaluate.py", "-m", "d3.tiny"."""
     found = set()
     for n in ast.walk(node):
         if isinstance(n, ast.Constant) and isinstance(n.value, str):
@@ -54,7 +66,7 @@ def names_run(node: ast.AST, modules: set[str]) -> set[str]:
             for name in ENTRY_POINTS:
                 if re.search(rf"(^|[/\s]){name}\.py\b", text):
                     found.add(name)
-            if text.split(" ")[0] in modules:  # "d3.tiny", or "d3.prepare hypersim" (a subcommand)
+            if text.split(" ")[0] in commands:  # "d3.tiny", or "d3.prepare hypersim" (a subcommand)
                 found.add(text.split(" ")[0])
             if text in CONSOLE_SCRIPTS:  # "d3-infer": pyproject.toml's console command, run from its module
                 found.add(CONSOLE_SCRIPTS[text])
@@ -62,9 +74,9 @@ def names_run(node: ast.AST, modules: set[str]) -> set[str]:
 
 
 def quick_reach(tests_dir: Path = ROOT / "tests") -> tuple[int, set[str]]:
-    """(number of quick test functions, the modules of `d3` they reach). A module a quick test imports is reached
-    (a package: with its own modules); a command it runs (`infer.py`, `python -m d3.tiny`) reaches everything that
-    command imports, at any depth, since its run imports it."""
+    """(number of quick test functions, the modules of `d3` they reach): a module a quick test imports, or a command
+    it runs (`infer.py`, `python -m d3.tiny`, `d3-infer`) or whose `__main__` it imports, with the modules that one
+    imports (one step: those it calls into; a package's, its own modules)."""
     graph = import_graph()
     modules = set(graph)
     # What running an entry point imports, with the package modules that are links to it (d3/_scripts/infer.py).
@@ -73,6 +85,7 @@ def quick_reach(tests_dir: Path = ROOT / "tests") -> tuple[int, set[str]]:
     for path in (ROOT / "d3").rglob("*.py"):
         if path.is_symlink() and path.resolve() in links:
             scripts[links[path.resolve()]].add(module_name(path))
+    commands = commands_of(modules)
     count, reached = 0, set()
     for path in sorted(tests_dir.glob("test_*.py")):
         if path.resolve() == Path(__file__).resolve():
@@ -90,16 +103,14 @@ def quick_reach(tests_dir: Path = ROOT / "tests") -> tuple[int, set[str]]:
                     reached |= scripts[name]
                 elif name.endswith(".__main__"):  # a command's module, imported to call its main: it runs, with
                     package = name.rpartition(".")[0]  # the subcommands it dispatches to (the package's modules)
-                    reached |= {name} | reachable(graph, name) | {m for m in modules if m.startswith(package + ".")}
-                elif name in modules:
-                    reached.add(name)
-                    if (ROOT / Path(*name.split("."))).is_dir():
-                        reached |= {m for m in graph[name] if m.startswith(name + ".")}
-            for name in names_run(node, modules):
+                    reached |= {name} | graph[name] | {m for m in modules if m.startswith(package + ".")}
+                elif name in modules:  # the module, and the modules it calls into (one step)
+                    reached |= {name} | graph[name]
+            for name in names_run(node, commands):
                 start = scripts[name] if name in scripts else {name, f"{name}.__main__"} & modules
                 if f"{name}.__main__" in modules:  # `python -m d3.prepare`: the subcommands are the package's modules
                     start |= {m for m in modules if m.startswith(name + ".")}
-                reached |= start | set().union(*(reachable(graph, m) for m in start))
+                reached |= start | set().union(*(graph[m] for m in start if m in graph))
     reached |= {m.rpartition(".")[0] for m in reached}  # importing a module runs its package's __init__
     return count, reached & modules
 
@@ -139,3 +150,4 @@ def test_the_reach_check_sees_marks_imports_and_commands(tmp_path):
     assert count == 2
     assert {"d3.metrics", "d3.losses", "d3.io", "d3.tiny", "d3.outputs", "d3.flags"} <= reached
     assert "d3.heads" not in reached  # imported by an unmarked test only
+    assert "d3.tiny_vae" in reached and "d3.data.synthetic" not in reached  # one step from d3.tiny, not two
