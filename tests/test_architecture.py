@@ -9,6 +9,10 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.quick
+
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = {"d3.predictor", "d3.loading", "d3.convert", "d3.pipeline", "d3.model_card", "d3.outputs", "d3.prefetch"}
 
@@ -164,3 +168,28 @@ def test_the_layer_check_finds_an_upward_import():
     table = layer_table("## Layers\n| layer | modules | owns |\n|---|---|---|\n| low | `a` | x |\n| high | `b` `c.*` | y |\n")
     graph = {"d3.a": {"d3.c.x"}, "d3.b": {"d3.a"}, "d3.c.x": set()}
     assert upward_imports(graph, table) == ["d3.a (low) imports d3.c.x (high)"]
+
+
+MAX_LINES = 450
+LONG_MODULES_ALLOWED = {"d3/data/synthetic.py"}  # the procedural scene generator: one concern, drawn in one place
+
+
+def oversized(folder: Path, limit: int = MAX_LINES, allowed: set[str] = LONG_MODULES_ALLOWED) -> list[str]:
+    """Modules under `folder` longer than `limit` lines (paths relative to the repository root), except `allowed`."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+        lines = len(path.read_text().splitlines())
+        if lines > limit and rel not in allowed:
+            found.append(f"{rel}: {lines} lines")
+    return found
+
+
+def test_no_module_of_the_package_is_over_450_lines():
+    assert oversized(ROOT / "d3") == [], "split these by concern (ARCHITECTURE.md)"
+
+
+def test_the_size_check_finds_a_long_module(tmp_path):
+    (tmp_path / "short.py").write_text("x = 1\n" * MAX_LINES)
+    (tmp_path / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    assert oversized(tmp_path) == [f"long.py: {MAX_LINES + 1} lines"]

@@ -169,6 +169,7 @@ def _as_decoded(p01: torch.Tensor) -> torch.Tensor:
     return (p01 * 2 - 1)[None, None].expand(1, 3, *p01.shape).clone()
 
 
+@pytest.mark.quick
 def test_ssi_zero_for_an_affine_prediction_and_masks_invalid_pixels():
     d = torch.from_numpy(_scene(16, 16, 1.0, 60.0)).double()[None]
     p = (d[0] - 1.0) / 80.0 + 0.1  # an affine map of the depth, inside [0, 1]

@@ -20,6 +20,7 @@ from d3.latents import decode_latent, encode_image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.quick
 def test_local_folder_loads_and_prompt_is_embedded_once(tiny_backbone_dir):
     backbone = load_backbone(tiny_backbone_dir)
     embeds = encode_prompt(backbone.tokenizer, backbone.text_encoder, "A surface normal estimation map.")
@@ -34,6 +35,7 @@ def test_local_folder_loads_and_prompt_is_embedded_once(tiny_backbone_dir):
         assert decode_latent(backbone.vae, z1).shape == (1, 3, 32, 32)
 
 
+@pytest.mark.quick
 def test_unreachable_hub_id_fails_in_one_line_naming_a_local_folder():
     with pytest.raises(BackboneLoadError) as err:
         load_backbone("stabilityai/this-model-is-not-cached")
@@ -96,6 +98,7 @@ def test_unreachable_hub_fails_fast_in_one_line_and_the_cache_still_serves(tmp_p
     assert load_time <= 5, f"{load_time:.1f} s to fail ({wall:.1f} s with the interpreter's start and imports)"
 
 
+@pytest.mark.quick
 def test_a_withdrawn_stability_id_names_the_community_mirror_when_uncached():
     """Stability AI withdrew its SD 2.x ids in November 2025: an uncached one says so and names the mirror."""
     with pytest.raises(BackboneLoadError) as err:

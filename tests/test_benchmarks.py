@@ -7,6 +7,8 @@ from PIL import Image
 from d3.data import benchmarks as B
 from tests import benchmark_fixtures as F
 
+pytestmark = pytest.mark.quick
+
 
 def _read_all(bench):
     return {s.name: s for s in (bench[i] for i in range(len(bench)))}

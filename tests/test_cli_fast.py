@@ -85,6 +85,7 @@ def option_entries(help_text: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_is_quick_imports_nothing_heavy_and_shows_every_default(command):
     proc, wall, heavy = run_cli(*command.split(), "--help")
@@ -98,6 +99,7 @@ def test_help_is_quick_imports_nothing_heavy_and_shows_every_default(command):
     assert not missing, f"{command} --help: no default shown for {missing}"
 
 
+@pytest.mark.quick
 def test_prepare_lists_its_sources_without_importing_torch():
     proc, _, heavy = run_cli("d3.prepare", "--help")
     assert proc.returncode == 0 and heavy == [], proc.stderr
@@ -178,6 +180,7 @@ def test_bad_flags_fail_at_once_with_one_line_before_the_model_code_loads(inputs
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("parser_class", [flags.ArgumentParser, argparse.ArgumentParser])
 def test_parse_checked_turns_a_flag_error_into_the_usage_error(parser_class, capsys):
     parser = parser_class(prog="tool")

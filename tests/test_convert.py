@@ -95,6 +95,7 @@ def image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
+@pytest.mark.quick
 def test_release_loads_strictly_and_equals_a_direct_computation(official_predictor, release, tiny_backbone_dir):
     path, _, student = release
     config = official_predictor.config
@@ -202,6 +203,7 @@ def test_a_bad_release_file_fails_naming_it(tmp_path, release, tiny_backbone_dir
         load_predictor(tmp_path / "nothing.pth")
 
 
+@pytest.mark.quick
 def test_task_comes_from_the_file_name_or_the_flag():
     assert infer_task("ckpts/depth_checkpoint.pth") == "depth"
     assert infer_task("normal_checkpoint.pth") == "normal"

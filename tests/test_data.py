@@ -18,6 +18,8 @@ import train_normal
 from d3.data.folders import BadSampleError, TrainingFolder, open_sources
 from d3.data.mixing import mixing_probabilities, parse_dataset_spec
 
+pytestmark = pytest.mark.quick
+
 
 def _write_rgb(path, h=12, w=16, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ import train_matting
 from d3.data.folders import TrainingFolder
 from d3.data.synthetic import write_synthetic_dataset
 
+pytestmark = pytest.mark.quick
+
 
 def _write_pair(root, image_dir, alpha_dir, name, alpha, seed):
     h, w = alpha.shape

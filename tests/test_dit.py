@@ -59,6 +59,7 @@ def _flux_meta(**config) -> FluxDenoiser:
 
 
 # ------------------------------------------------------------------------------------------- packing and hooks
+@pytest.mark.quick
 def test_packing_puts_each_2x2_patch_in_one_token_channel_major():
     c, h, w = 2, 4, 6
     latents = torch.arange(c * h * w, dtype=torch.float32).reshape(1, c, h, w)
@@ -95,6 +96,7 @@ def test_flux_dev_layer_sets_on_its_real_config():
         flux.layer_set("up")
 
 
+@pytest.mark.quick
 def test_hooks_give_image_tokens_on_the_packed_grid(tiny_flux_dir):
     backbone = load_backbone(tiny_flux_dir)
     flux = backbone.denoiser()
@@ -116,6 +118,7 @@ def test_hooks_give_image_tokens_on_the_packed_grid(tiny_flux_dir):
     assert torch.equal(grid[:, :, 4, 7], image[:, 4 * 10 + 7])  # token (i, j) sits at grid cell (i, j)
 
 
+@pytest.mark.quick
 def test_flow_matching_noise_and_stratified_sigmas():
     flux = _flux_meta()
     x, eps = torch.full((2, 1, 2, 2), 2.0), torch.full((2, 1, 2, 2), -1.0)
@@ -272,6 +275,7 @@ def test_lora_training_runs_and_leaves_the_base_weights_untouched(tiny_flux_dir,
         assert torch.equal(state[key] if key in state else state[f"{owner}.base_layer.{leaf}"], value), key
 
 
+@pytest.mark.quick
 def test_adapter_checkpoint_without_its_base_model_fails_clearly(tiny_flux_dir, tmp_path):
     backbone = load_backbone(tiny_flux_dir)
     args = Namespace(lora_rank=2, lora_alpha=None, prompt="p", resolution=64, save_lora_as="adapter",
@@ -284,6 +288,7 @@ def test_adapter_checkpoint_without_its_base_model_fails_clearly(tiny_flux_dir, 
 
 
 # ------------------------------------------------------------------------------------------ checkpoints and CLI
+@pytest.mark.quick
 def test_checkpoint_config_defaults_to_unet_and_names_a_bad_architecture(tmp_path):
     (tmp_path / "d3_config.json").write_text(json.dumps({"task": "depth", "student_timestep": 261.0}))
     assert D3Config.read(tmp_path).architecture == "unet"  # checkpoints written before DiTs load as UNets
@@ -350,6 +355,7 @@ def test_sd3_backbone_conditions_hooks_trains_and_reloads(tiny_sd3_dir, syntheti
     np.testing.assert_array_equal(predictor.predict([image], processing_res=0)[0], again)
 
 
+@pytest.mark.quick
 def test_as_denoiser_picks_the_architecture_and_rejects_others():
     assert as_denoiser(_flux_meta().model).architecture == "flux"
     with pytest.raises(TypeError, match="no Denoiser for a Linear"):

@@ -91,6 +91,7 @@ def test_efficient_step_equals_official_step(tiny_backbone_dir, head_type):
         assert rel_err(fast_grads[name], grad) <= REL_TOL or float(grad.norm()) < 1e-12, name
 
 
+@pytest.mark.quick
 def test_efficient_step_matches_official_step_in_fp32(tiny_backbone_dir):
     """In fp32 (the training precision) the losses agree to 1e-5. Gradients agree only up to fp32 rounding: CPU
     kernels round differently for a batch of B than of B·N_T (measured ≈ 2-3e-5 relative on the smooth terms), and
@@ -104,6 +105,7 @@ def test_efficient_step_matches_official_step_in_fp32(tiny_backbone_dir):
     assert grad_err <= 1e-4
 
 
+@pytest.mark.quick
 def test_stratified_timesteps_cover_the_official_bins():
     t = stratified_timesteps(4096, 3, generator=torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and t.shape == (4096, 3)

@@ -122,6 +122,7 @@ def test_infer_output_scores_as_evaluate_checkpoint_depth(scannet, tiny_depth_ch
     assert from_infer["num_samples"] == in_memory["num_samples"] == 2
 
 
+@pytest.mark.quick
 def test_infer_output_scores_as_evaluate_checkpoint_normals(tiny_normal_checkpoint, tmp_path):
     root = tmp_path / "nyu_normal"
     F.write_normals(root)  # <stem>_img.png -> infer writes <stem>_img_normal.npy
@@ -157,6 +158,7 @@ def test_infer_output_scores_as_evaluate_checkpoint_matting(tiny_matting_checkpo
         assert from_infer[k] == pytest.approx(in_memory[k], rel=2e-5, abs=1e-9), k
 
 
+@pytest.mark.quick
 def test_prediction_lookup_order(tmp_path):
     root = tmp_path / "P3M-500-NP"
     F.write_p3m(root)

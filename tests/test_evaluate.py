@@ -105,6 +105,7 @@ def test_depth_gt_affine_gt_and_marigold_naming(depth_sets, tmp_path, name):
     assert {k: s_mg[k] for k in M.DEPTH_METRICS} == {k: s_aff[k] for k in M.DEPTH_METRICS}
 
 
+@pytest.mark.quick
 def test_depth_summary_csv_and_table(depth_sets, tmp_path, capsys):
     root, expected = depth_sets["nyu"]
     preds = _write_preds(tmp_path / "p", expected, lambda g: np.sqrt(np.maximum(g, 0)))  # imperfect
@@ -174,6 +175,7 @@ def test_all_depth_table(depth_sets, tmp_path, capsys):
 # Normals, matting, segmentation
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.quick
 def test_normals_gt_layouts_and_pooling(tmp_path, capsys):
     exp = F.write_normals(tmp_path / "nyuv2" / "test")
     preds = _write_preds(tmp_path / "p", exp)
@@ -212,6 +214,7 @@ def test_all_normal_table(tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "ibims" / "summary.json").read_text())["a11_25"] == 100.0
 
 
+@pytest.mark.quick
 def test_p3m_gt_as_npy_png_and_flat_names(tmp_path, capsys):
     root = tmp_path / "P3M-500-NP"
     exp = F.write_p3m(root)
@@ -238,6 +241,7 @@ def test_p3m_gt_as_npy_png_and_flat_names(tmp_path, capsys):
         assert s[k] == pytest.approx(np.mean([r[k] for r in ref]))
 
 
+@pytest.mark.quick
 def test_segmentation_folder(tmp_path, capsys):
     exp = F.write_segmentation_folder(tmp_path / "task")
     (tmp_path / "p").mkdir()
@@ -308,6 +312,7 @@ class _FakePredictor:
         return [img.astype(np.float32).mean(-1) / 255.0 for img in images]
 
 
+@pytest.mark.quick
 def test_the_options_default_as_the_flags_do(tmp_path):
     """EvalOptions() is what evaluate.py runs without optional flags, so a program and the command agree."""
     args = evaluate.build_parser().parse_args(["--dataset", "nyu", "--data-root", str(tmp_path), "--predictions", "p"])
@@ -340,6 +345,7 @@ def test_in_memory_predictor_path(depth_sets, tmp_path):
         run("scannet", root, replace(opts, output=tmp_path / "o5"), predictor=fake)
 
 
+@pytest.mark.quick
 def test_checkpoint_end_to_end_tiny_backbone(depth_sets, tmp_path, request):
     pytest.importorskip("d3.predictor")
     try:

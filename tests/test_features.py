@@ -22,6 +22,7 @@ def sd21_meta_unet():
         return UNet2DConditionModel(**unet_config("sd21"))
 
 
+@pytest.mark.quick
 def test_up_set_on_sd21_matches_the_official_keys(sd21_meta_unet):
     layers = unet_layer_set(sd21_meta_unet, "up")
     assert len(layers) == 11
@@ -43,6 +44,7 @@ def test_other_sets_on_sd21(sd21_meta_unet):
     assert explicit == ["mid_block", "up_blocks.1.attentions.0"]
 
 
+@pytest.mark.quick
 def test_capture_on_a_real_forward_returns_each_layer_once(tiny_backbone_dir):
     unet = UNet2DConditionModel.from_pretrained(tiny_backbone_dir, subfolder="unet")
     layers = unet_layer_set(unet, "up")

@@ -7,6 +7,8 @@ import torch
 
 from d3.heads import ProjectionHeads
 
+pytestmark = pytest.mark.quick
+
 
 @pytest.mark.parametrize("head_type", ["cleandift", "linear", "none"])
 def test_heads_start_as_identity(head_type):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

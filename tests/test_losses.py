@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from d3.losses import depth_losses, differentiable_scale_shift, matting_losses, multiscale_gradient_loss, normal_losses
+
+pytestmark = pytest.mark.quick
 
 
 def img(values: torch.Tensor) -> torch.Tensor:

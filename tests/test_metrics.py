@@ -8,6 +8,8 @@ import torch
 
 from d3 import metrics as M
 
+pytestmark = pytest.mark.quick
+
 LN = math.log
 LOG10 = math.log10
 

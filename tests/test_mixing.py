@@ -20,6 +20,8 @@ from d3.data.mixing import (
 from d3.training import build_parser
 from d3.training_data import build_training_data
 
+pytestmark = pytest.mark.quick
+
 P = [0.76, 0.12, 0.12]
 
 

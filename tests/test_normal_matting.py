@@ -94,6 +94,7 @@ PROBES = {
 
 
 # ---------------------------------------------------------------------------------------------- frame and colour
+@pytest.mark.quick
 def test_known_planes_give_their_normal_their_colour_and_back():
     scene = render(room_scene(), supersample=1)
     for (row, col), expected in PROBES.items():
@@ -265,6 +266,7 @@ def test_p3m_training_layout_and_image_mask_pairs(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------------- losses
+@pytest.mark.quick
 def test_angular_loss_is_the_mean_arccos_over_the_batchs_valid_pixels_for_non_unit_vectors():
     # sample 0: angles 60° and 135° (non-unit vectors), one masked pixel; sample 1: 90° on its only valid pixel.
     # The authors pool the angle over every valid pixel of the batch: (60° + 135° + 90°) / 3.
@@ -325,6 +327,7 @@ def test_matting_task_loss_by_hand_with_the_paper_weights():
     assert float(multiscale_gradient_loss(target, target)) == 0.0
 
 
+@pytest.mark.quick
 def test_recipes_carry_the_paper_prompts_and_weights():
     normal = build_parser(train_normal.RECIPE).parse_args([])
     assert normal.prompt == "A surface normal estimation map."
@@ -405,6 +408,7 @@ def _images(folder, sizes=((40, 70), (64, 48))) -> list:
     return names
 
 
+@pytest.mark.quick
 def test_infer_normal_writes_unit_vectors_and_their_colours(tmp_path, tiny_normal_checkpoint):
     images = _images(tmp_path / "in")
     code = infer.main(["--input", str(tmp_path / "in"), "--checkpoint", str(tiny_normal_checkpoint),
@@ -422,6 +426,7 @@ def test_infer_normal_writes_unit_vectors_and_their_colours(tmp_path, tiny_norma
         f"{stem}{suffix}" for stem, _ in images for suffix in ("_normal.npy", "_normal.png"))
 
 
+@pytest.mark.quick
 def test_infer_matting_writes_8_and_16_bit_alpha_and_the_cutout(tmp_path, tiny_matting_checkpoint):
     images = _images(tmp_path / "in")
     code = infer.main(["--input", str(tmp_path / "in"), "--checkpoint", str(tiny_matting_checkpoint),

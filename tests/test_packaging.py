@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -98,6 +99,7 @@ def test_wheel_holds_the_package_and_the_commands(wheel):
         assert f"Requires-Dist: {dep}" in meta
 
 
+@pytest.mark.quick
 def test_installed_wheel_imports_from_anywhere_and_its_commands_run(wheel, tmp_path):
     target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -127,10 +129,40 @@ def test_installed_wheel_imports_from_anywhere_and_its_commands_run(wheel, tmp_p
     assert (tmp_path / "scenes" / "d3_dataset.json").is_file()
 
 
+def running_site_packages() -> list[str]:
+    """The package folders of the interpreter running the tests: a virtualenv's own (and the base interpreter's only
+    if that virtualenv was made with them), or the base interpreter's when no virtualenv is active."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE and site.getusersitepackages() in sys.path:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
+def venv_seeing_this_interpreter(venv: Path, cwd: Path) -> Path:
+    """A fresh virtualenv whose Python sees the running interpreter's packages (pip, setuptools, d3's dependencies)
+    through a .pth file, and nothing else: `venv --system-site-packages` would show the *base* interpreter's
+    packages instead, which inside a virtualenv are not the ones installed for the tests (a base setuptools 65 has
+    no bdist_wheel, and fails the editable build). Returns its python."""
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=cwd)
+    python = venv / "bin" / "python"
+    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=cwd,
+                  env=clean_env()).stdout.strip()
+    (Path(purelib) / "d3_tests_parent.pth").write_text("".join(f"{d}\n" for d in running_site_packages()))
+    return python
+
+
+def test_the_test_venv_sees_the_running_interpreters_packages_not_the_base_ones(tmp_path):
+    python = venv_seeing_this_interpreter(tmp_path / "venv", tmp_path)
+    check = "import numpy, pip, setuptools; print(setuptools.__version__); print(setuptools.__file__)"
+    version, where = run([python, "-c", check], cwd=tmp_path, env=clean_env()).stdout.split()
+    import setuptools
+
+    assert (version, where) == (setuptools.__version__, setuptools.__file__)
+
+
 def test_editable_install_imports_from_anywhere(source, tmp_path):
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv], cwd=tmp_path)
-    python = venv / "bin" / "python"
+    python = venv_seeing_this_interpreter(venv, tmp_path)
     run([python, "-m", "pip", "--disable-pip-version-check", "install", "--quiet", "--no-deps", "--no-index",
          "--no-build-isolation", "-e", source], cwd=tmp_path, env=clean_env(PIP_ROOT_USER_ACTION="ignore"))
     for command in COMMANDS:

@@ -72,6 +72,7 @@ def test_pipeline_and_infer_give_identical_outputs(task, request, tmp_path):
             np.testing.assert_array_equal(np.asarray(vis.cutout(Image.open(f), pred)[0]), written("_rgba.png"))
 
 
+@pytest.mark.quick
 def test_save_pretrained_writes_a_hub_ready_folder_that_round_trips(depth_pipe, tmp_path):
     import infer
 
@@ -100,6 +101,7 @@ def test_save_pretrained_writes_a_hub_ready_folder_that_round_trips(depth_pipe, 
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "x_depth.npy"), before[0, ..., 0])
 
 
+@pytest.mark.quick
 def test_every_input_form_gives_the_same_prediction(depth_pipe):
     rgb = np.random.default_rng(2).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     (ref,) = depth_pipe(rgb, return_dict=False)

@@ -20,6 +20,8 @@ from d3.prepare.common import DONE_DIR
 from d3.prepare.hypersim import tone_map
 from tests import raw_fixtures as fx
 
+pytestmark = pytest.mark.quick
+
 
 def _find(root: Path, kind: str, rel: str) -> Path:
     (path,) = [p for p in (root / kind).glob(f"{rel}.*") if not p.name.startswith(".")]

@@ -89,6 +89,7 @@ def _direct(model_dir: Path, path: Path) -> np.ndarray:
     return processor.post_process_depth_estimation(out, target_sizes=[rgb.shape[:2]])[0]["predicted_depth"].numpy()
 
 
+@pytest.mark.quick
 def test_pseudo_label_end_to_end_relative(models, images, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--input", str(images), "--output", str(out), "--model", str(models["relative"]),

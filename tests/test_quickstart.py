@@ -88,6 +88,7 @@ def test_readme_quickstart_learns_depth(tmp_path, one_thread):
     assert len(maps) == 16, maps
 
 
+@pytest.mark.quick
 def test_synthetic_reader(tmp_path):
     from d3.data.benchmarks import get_benchmark
     from d3.data.synthetic import write_synthetic_dataset

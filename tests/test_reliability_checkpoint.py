@@ -47,6 +47,7 @@ def edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.quick
 def test_the_intact_copy_loads_and_predicts(ckpt):
     predictor = D3Predictor.from_pretrained(ckpt, device="cpu")
     assert predictor.task == "depth"
@@ -76,6 +77,7 @@ def test_missing_or_malformed_d3_config(ckpt, breakage, expected):
     assert str(ckpt / "d3_config.json") in message and expected in message, message
 
 
+@pytest.mark.quick
 def test_missing_weights_and_parts_are_named(ckpt, tmp_path):
     broken = Path(shutil.copytree(ckpt, tmp_path / "no-unet-weights"))
     (broken / UNET_WEIGHTS).unlink()
@@ -166,6 +168,7 @@ def test_pickled_weights_are_never_unpickled(ckpt, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.quick
 def test_the_official_pth_is_read_weights_only(tmp_path):
     convert = pytest.importorskip("d3.convert")
     marker = tmp_path / "code-ran"

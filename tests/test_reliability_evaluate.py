@@ -106,6 +106,7 @@ def evaluate_cli(root: Path, preds: Path, out: Path, *extra: str) -> int:
                           "--output", str(out), "--no_progress", *extra])
 
 
+@pytest.mark.quick
 def test_intact_fixture_scores_every_sample(dataset, tmp_path):
     root, preds = dataset
     assert evaluate_cli(root, preds, tmp_path / "out") == 0

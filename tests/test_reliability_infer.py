@@ -113,6 +113,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # -- reading: each awkward kind of file, exact values --------------------------------------------------------------
+@pytest.mark.quick
 def test_load_rgb_converts_every_kind_correctly(tmp_path):
     made = make_messy_folder(tmp_path)
     for name, want in made["expected"].items():
@@ -179,6 +180,7 @@ def test_messy_folder_every_valid_image_gets_outputs_every_bad_file_is_listed(tm
 
 
 # -- usage errors ------------------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_missing_path_and_empty_folder_are_one_line_errors(tmp_path, capsys):
     cases = {
         tmp_path / "nowhere": "no such file or folder",
@@ -198,6 +200,7 @@ def test_missing_path_and_empty_folder_are_one_line_errors(tmp_path, capsys):
 
 
 # -- atomic writes -----------------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_a_failed_write_leaves_the_previous_file_or_nothing(tmp_path):
     target = tmp_path / "sub" / "x_depth.npy"
 

@@ -242,6 +242,7 @@ def test_on_bad_sample_error_stops_with_one_line_naming_the_file(data_with_bad_s
         assert any(f"{path}: " in message and reason in message for path, reason in bad.items()), message
 
 
+@pytest.mark.quick
 def test_a_kill_between_the_two_renames_of_a_resave_loses_no_checkpoint(tmp_path):
     """Re-saving checkpoint-N sets the old one aside (.old), renames the new one in (.tmp -> final), then deletes the
     aside. Killed in between, the next start puts the old one back, or drops it once the new one is in place."""

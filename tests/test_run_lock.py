@@ -73,6 +73,7 @@ def test_a_second_run_is_refused_naming_the_holder_until_the_holder_is_killed(tm
     assert can_lock_elsewhere(folder)
 
 
+@pytest.mark.quick
 def test_the_lock_is_released_explicitly_when_dropped_and_reentrant_in_one_process(tmp_path):
     lock = acquire(tmp_path)
     assert acquire(tmp_path) is lock  # the same process asking again (a second train() call) is not refused
@@ -85,6 +86,7 @@ def test_the_lock_is_released_explicitly_when_dropped_and_reentrant_in_one_proce
     assert can_lock_elsewhere(tmp_path)
 
 
+@pytest.mark.quick
 def test_busy_error_names_an_unknown_holder_when_the_file_is_empty(tmp_path, monkeypatch):
     import d3.run_lock as run_lock
 

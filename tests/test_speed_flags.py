@@ -122,6 +122,7 @@ def test_compile_flag_compiles_student_teacher_and_vae(tiny_backbone_dir):
     assert torch._dynamo.config.recompile_limit >= 64  # one graph per resolution bucket without falling back
 
 
+@pytest.mark.quick
 def test_fused_adamw_only_where_it_exists():
     params = [torch.nn.Parameter(torch.zeros(3))]
     ns = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.01,
@@ -280,6 +281,7 @@ def test_on_the_cpu_the_pipeline_reads_and_writes_in_the_models_thread_by_defaul
         assert threads == ({False} if threaded else {True}), workers
 
 
+@pytest.mark.quick
 def test_pipeline_batches_by_size_and_pads_a_compiled_models_last_batch():
     sizes = {0: (4, 4), 1: (8, 4), 2: (4, 4), 3: (4, 4), 4: (8, 4)}
     written = {}
@@ -320,6 +322,7 @@ def test_pipeline_reports_each_failing_file_and_finishes_the_others(workers):
     assert 4 in fake.batches  # the batch of 4 was tried first, then its images one by one
 
 
+@pytest.mark.quick
 def test_ordered_prefetch_keeps_order_bounds_look_ahead_and_isolates_errors():
     running, peak, lock = 0, 0, threading.Lock()
 

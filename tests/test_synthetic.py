@@ -187,6 +187,7 @@ def test_textures_and_their_filtering():
 # ---------------------------------------------------------------- random scenes
 
 
+@pytest.mark.quick
 def test_render_scene_is_deterministic():
     a, b = render_scene(7), render_scene(7)
     for name in ("rgb", "depth", "normal", "alpha"):
@@ -194,6 +195,7 @@ def test_render_scene_is_deterministic():
     assert not np.array_equal(a.depth, render_scene(8).depth)
 
 
+@pytest.mark.quick
 def test_random_scene_contract():
     for seed in range(8):
         scene = render_scene(seed, 48, 64)
@@ -250,6 +252,7 @@ def read_folder(root: Path, index: int) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.quick
 def test_written_folder_round_trips(tmp_path):
     root = write_synthetic_dataset(tmp_path / "train", 3, height=24, width=40, seed=5, invalid_fraction=0.1)
     meta = json.loads((root / "d3_dataset.json").read_text())
@@ -287,6 +290,7 @@ def test_writer_rejects_unknown_tasks(tmp_path):
         render_scene(0, invalid_fraction=1.0)
 
 
+@pytest.mark.quick
 def test_command_line(tmp_path):
     out = tmp_path / "cli"
     command = [sys.executable, "-m", "d3.data.synthetic", "--output", str(out), "--num_scenes", "2",

@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 
+pytestmark = pytest.mark.quick
+
 WARN = compile("import warnings\nwarnings.warn('old API', CATEGORY, stacklevel=1)\n", "<attributed>", "exec")
 
 
