@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from d3.data.benchmarks import BENCHMARKS, GROUPS, Benchmark
-from d3.devices import resolve_device
+from d3.devices import resolve_device, use_device
 from d3.eval_options import EvalOptions
 from d3.eval_predictor import (
     describe_geometry,
@@ -298,6 +298,7 @@ def run(dataset: str, data_root: os.PathLike, options: EvalOptions | None = None
     device = options.device
     # several processes on a GPU machine: one GPU each (LOCAL_RANK), as infer.py
     device = resolve_device(shard.device() if device in (None, "auto") and shard.device() else device)
+    use_device(device)  # cuda:K the current device: no context on cuda:0, streams and events on the model's GPU
     options = replace(options, output=output, device=device)
     gathered = shard.sharded and shard.can_gather()
     with shard.connected():  # one rendezvous for the model load and every dataset of a group
