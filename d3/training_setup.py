@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from .backbone import encode_condition, load_backbone
+from .checkpoint import cast_keeping_export_weights
 from .denoisers import Denoiser
 from .devices import cast_module
 from .heads import ProjectionHeads
@@ -131,7 +132,8 @@ def build_model(args, device: torch.device, weight_dtype: torch.dtype):
     prompt_embeds = condition["encoder_hidden_states"] if backbone.architecture == "unet" else condition
 
     student, teacher = build_student_and_teacher(args, backbone, device, weight_dtype)
-    vae = cast_module(backbone.vae.requires_grad_(False).eval(), device, weight_dtype)
+    # bf16/fp16 for the step; the checkpoints get the pretrained fp32 VAE, not this cast
+    vae = cast_keeping_export_weights(backbone.vae.requires_grad_(False).eval(), device, weight_dtype)
     try:
         layers = student.layer_set(args.layer_set)
     except ValueError as err:
