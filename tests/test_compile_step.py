@@ -57,3 +57,22 @@ def test_compiled_training_step_matches_eager_in_one_graph_per_module(tiny_backb
     assert compiled_grads.keys() == eager_grads.keys()
     worst = max(rel_err(compiled_grads[n], g_) for n, g_ in eager_grads.items() if float(g_.norm()) > 1e-12)
     assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("limit_name", ["recompile_limit", "cache_size_limit"], ids=["torch>=2.7", "torch<2.7"])
+def test_compile_settings_raise_the_recompile_limit_on_old_and_new_torch(monkeypatch, limit_name):
+    """torch < 2.7 has no `recompile_limit` (setting an unknown dynamo option raises there): its `cache_size_limit`
+    is raised instead; a torch without the checkpointing option keeps its graph breaks but still compiles."""
+    from types import SimpleNamespace
+
+    import torch._dynamo
+
+    from d3.devices import compile_settings
+
+    fake = SimpleNamespace(**{limit_name: 8})
+    monkeypatch.setattr(torch._dynamo, "config", fake)
+    compile_settings(checkpointing=True)
+    assert vars(fake) == {limit_name: 64}
+    fake.skip_fwd_side_effects_in_bwd_under_checkpoint = False
+    compile_settings(recompiles=128, checkpointing=True)
+    assert vars(fake) == {limit_name: 128, "skip_fwd_side_effects_in_bwd_under_checkpoint": True}
