@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_predictions", help="--checkpoint: also write the predictions here (.npy, our naming)")
     p.add_argument("--batch_size", type=int, default=1, help="--checkpoint: images per predictor call")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="--checkpoint: the model's precision; auto (default): fp32 on the CPU, bf16 on CUDA as the "
+                        "paper's inference (fp16 where bf16 is missing), fp16 on mps. Recorded in summary.json")
     p.add_argument("--allow_invalid", action="store_true",
                    help="score non-finite prediction values as 0 and skip samples without valid GT, "
                         "counting both in summary.json, instead of stopping with an error")
@@ -95,7 +98,7 @@ def validate_args(args: argparse.Namespace) -> None:
     given_root, given_checkpoint = args.data_root, args.checkpoint
     missing = resolve_defaults(args)
     for flag, given in (("--save_predictions", args.save_predictions), ("--resize_mode", args.resize_mode),
-                        ("--official_preprocess", args.official_preprocess)):
+                        ("--official_preprocess", args.official_preprocess), ("--dtype", args.dtype != "auto")):
         if given and not args.checkpoint:
             raise FlagError(f"{flag} needs --checkpoint (--predictions are scored as they are)")
     if args.official_preprocess and args.resize_mode == "keep_aspect":
@@ -144,7 +147,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
         save_predictions=args.save_predictions, processing_res=args.processing_res, resize_mode=args.resize_mode,
         official_preprocess=args.official_preprocess,
         pretrained_model_name_or_path=args.pretrained_model_name_or_path, batch_size=args.batch_size,
-        device=args.device, alignment=args.alignment,
+        device=args.device, dtype=args.dtype, alignment=args.alignment,
         alignment_max_res=PROTOCOL if args.alignment_max_res is None else args.alignment_max_res,
         pooling=args.pooling, allow_invalid=args.allow_invalid, progress=not args.no_progress,
     )

@@ -126,10 +126,13 @@ def main(argv: list[str] | None = None, predictor: D3Predictor | None = None) ->
 
     from tqdm.auto import tqdm
 
+    from d3.devices import use_device
     from d3.loading import load_predictor
     from d3.prefetch import predict_files
 
     try:
+        # cuda:K (--device or LOCAL_RANK) becomes the current device before anything touches CUDA
+        use_device(getattr(predictor, "device", None) if predictor is not None else args.device or shard.device())
         if predictor is None:
             predictor = load_predictor(args.checkpoint, device=args.device or shard.device(), dtype=args.dtype,
                                        task=args.task,

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .denoisers import ARCHITECTURES, as_denoiser, denoiser_class
+from .devices import cast_module
 from .flags import PROMPTS, RESIZE_MODES, TASKS, CheckpointError  # noqa: F401  (light: the flags choose from them)
 from .lora import has_lora, load_adapter, save_adapter, save_weights
 
@@ -110,10 +111,29 @@ def save_checkpoint(path: str | Path, unet, vae, prompt_embeds: torch.Tensor | d
         save_weights(model, path / denoiser.subfolder, state_dict)
     else:
         model.save_pretrained(path / denoiser.subfolder, safe_serialization=True)
-    vae.save_pretrained(path / "vae", safe_serialization=True)
+    pretrained = getattr(vae, EXPORT_STATE, None)
+    if pretrained is not None:  # a VAE cast for training: write the weights it had before the cast
+        save_weights(vae, path / "vae", pretrained)
+    else:
+        vae.save_pretrained(path / "vae", safe_serialization=True)
     save_file(_condition_tensors(prompt_embeds, denoiser.architecture), str(path / "prompt_embeds.safetensors"))
     config.write(path)
     return path
+
+
+EXPORT_STATE = "_d3_export_state"  # a module attribute: the weights save_checkpoint writes instead of its own
+
+
+def cast_keeping_export_weights(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`cast_module` for a frozen part that is exported as it was loaded (the training VAE under bf16/fp16): the
+    weights before the cast stay on the CPU (no copy: the cast makes new tensors) and `save_checkpoint` writes them,
+    so the checkpoint's VAE is the pretrained fp32 one, bit for bit, not its bf16 rounding."""
+    before = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    casts = next(module.parameters()).dtype != dtype
+    module = cast_module(module, device, dtype)
+    if casts:
+        setattr(module, EXPORT_STATE, before)
+    return module
 
 
 def _condition_tensors(prompt_embeds, architecture: str) -> dict[str, torch.Tensor]:

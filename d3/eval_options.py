@@ -37,6 +37,7 @@ class EvalOptions:
     pretrained_model_name_or_path: str | None = None  # the SD 2.1 base for the authors' .pth (VAE, prompt)
     batch_size: int = 1  # images per predictor call
     device: Any = "auto"  # "auto": cuda if present (under torchrun each process's own GPU), else mps, else the CPU
+    dtype: str = "auto"  # fp32 / bf16 / fp16; "auto": fp32 on the CPU, bf16 on CUDA (fp16 without bf16), fp16 on mps
     # how the predictions are scored
     alignment: str | None = None  # depth: least_square / least_square_disparity / none; None: the protocol's
     alignment_max_res: int | str = PROTOCOL  # pixels the alignment fit subsamples to (0: all); PROTOCOL: the set's

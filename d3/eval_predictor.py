@@ -15,7 +15,7 @@ EVAL_RESIZE_MODE = "squash"  # the paper's protocol: the authors' square network
 
 
 def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_or_path: str | None = None,
-                   official_preprocess: bool = False, resize_mode: str | None = None):
+                   official_preprocess: bool = False, resize_mode: str | None = None, dtype: str | None = None):
     """A d3 folder (or its hub id) or the authors' .pth, which needs the SD 2.1 base for its VAE and prompt.
 
     Set up for the paper's protocol by default: ``resize_mode`` (default ``squash``) replaces the checkpoint's own.
@@ -23,7 +23,8 @@ def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_
     768x768 bilinear resize without antialiasing, and back the same way), and their tables come from such
     predictions; ``squash`` does that at the checkpoint's processing resolution (768 for the paper's models and for
     the authors' .pth). ``keep_aspect`` is ``infer.py``'s default geometry (long side to the processing resolution,
-    padded). ``official_preprocess`` also fixes the resolution at 768 whatever the checkpoint says."""
+    padded). ``official_preprocess`` also fixes the resolution at 768 whatever the checkpoint says. ``dtype``:
+    fp32 / bf16 / fp16, or None / "auto" for the device's default (fp32 on the CPU, bf16 on CUDA)."""
 
     from d3.checkpoint import RESIZE_MODES
     from d3.loading import (
@@ -35,10 +36,24 @@ def load_predictor(checkpoint: str, device: torch.device, pretrained_model_name_
         raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
     if official_preprocess and mode != "squash":
         raise ValueError("official_preprocess squashes to a square; it cannot be combined with resize mode " + mode)
-    predictor = load(checkpoint, device=device, pretrained_model_name_or_path=pretrained_model_name_or_path,
+    predictor = load(checkpoint, device=device, dtype=None if dtype == "auto" else dtype,
+                     pretrained_model_name_or_path=pretrained_model_name_or_path,
                      official_preprocess=official_preprocess)
     predictor.config = dataclasses.replace(predictor.config, resize_mode=mode)
     return predictor
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def precision_record(predictor, device) -> dict[str, Any]:
+    """summary.json's record of where and in which precision the predictions were made (the same checkpoint scores
+    differently in bf16 on a GPU and in fp32 on the CPU, in the third decimal); saved predictions: unknown."""
+    if predictor is None:
+        return {"device": None, "dtype": None}
+    dtype = getattr(predictor, "dtype", None)
+    return {"device": str(getattr(predictor, "device", device)),
+            "dtype": DTYPE_NAMES.get(dtype, None if dtype is None else str(dtype))}
 
 
 def predictor_resize_mode(predictor) -> str | None:

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from d3.data.benchmarks import BENCHMARKS, GROUPS, Benchmark
-from d3.devices import resolve_device
+from d3.devices import resolve_device, use_device
 from d3.eval_options import EvalOptions
 from d3.eval_predictor import (
     describe_geometry,
     load_predictor,
     outputs_per_image,
+    precision_record,
     predictor_default_res,
     predictor_resize_mode,
 )
@@ -214,6 +215,7 @@ def evaluate_benchmark(bench: Benchmark, options: EvalOptions | None = None, *, 
         summary["protocol"] = proto
         summary["checkpoint"] = str(options.checkpoint) if predictor is not None else None
         summary["predictions"] = str(pred_dir) if pred_dir is not None else None
+        summary.update(precision_record(predictor, device))  # "device", "dtype" of the predictions made here
         summary["data_root"] = str(bench.root)
         summary["split"] = str(bench.split) if bench.split is not None else None
         summary["skipped_without_gt"] = bench.skipped_without_gt
@@ -298,12 +300,13 @@ def run(dataset: str, data_root: os.PathLike, options: EvalOptions | None = None
     device = options.device
     # several processes on a GPU machine: one GPU each (LOCAL_RANK), as infer.py
     device = resolve_device(shard.device() if device in (None, "auto") and shard.device() else device)
+    use_device(device)  # cuda:K the current device: no context on cuda:0, streams and events on the model's GPU
     options = replace(options, output=output, device=device)
     gathered = shard.sharded and shard.can_gather()
     with shard.connected():  # one rendezvous for the model load and every dataset of a group
         if predictor is None and checkpoint is not None:
             load_args = (checkpoint, device, options.pretrained_model_name_or_path, options.official_preprocess,
-                         options.resize_mode)
+                         options.resize_mode, options.dtype)
             if not gathered:
                 predictor = load_predictor(*load_args)
             else:  # a process that cannot load the model stops every process, not only itself

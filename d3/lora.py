@@ -62,6 +62,10 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     Computed on the side: the model itself is not merged (merging and unmerging in place would round the base
     weights of a model that goes on training). Each merged tensor goes to the CPU at once, so exporting a 12B
     student costs one layer of extra GPU memory, not a second copy of the model.
+
+    Floating-point tensors come out in fp32 (or `dtype`): W + scale·B·A is what the trained model computed with its
+    bf16 base and fp32 adapters, and rounding the sum back to bf16 would change its predictions; the other tensors
+    are widened exactly, so the export is one fp32 model like a full fine-tuning's.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -77,8 +81,9 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
         owner = plain.rsplit(".", 1)[0]
         if owner in deltas and plain.endswith(".weight"):
             layer = deltas[owner]
-            value = (value.float() + layer.get_delta_weight(ADAPTER_NAME).float()).to(value.dtype)  # sum in fp32
-        state[plain] = value.detach().to("cpu", dtype or value.dtype)
+            value = value.float() + layer.get_delta_weight(ADAPTER_NAME).float()  # summed and kept in fp32
+        wide = dtype or (torch.float32 if value.is_floating_point() else value.dtype)
+        state[plain] = value.detach().to("cpu", wide)
     return state
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import PROMPTS, CheckpointError, D3Config, load_model, load_student, prompt_embeds_mismatch, read_condition, save_checkpoint
 from .denoisers import as_denoiser
-from .devices import DTYPES, cast_module, default_dtype, resolve_device
+from .devices import DTYPES, cast_module, compile_settings, default_dtype, resolve_device
 from .latents import decode_latent, encode_image
 
 class D3Predictor:
@@ -54,9 +54,7 @@ class D3Predictor:
             self.vae.to(memory_format=torch.channels_last)
             self.channels_last = True
         if compile:
-            from torch._dynamo import config as dynamo_config
-
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            compile_settings()
             for module in (self.unet, self.vae.encoder, self.vae.decoder):
                 module.compile(backend=compile_backend, dynamic=False)
             self.size_multiple = self.denoiser.bucket_multiple(self.vae)

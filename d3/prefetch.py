@@ -175,8 +175,10 @@ def _launch(predictor, members: list[_Prepared], pad_to: int) -> _InFlight:
         buffer = torch.empty(o.shape, dtype=o.dtype, pin_memory=True)  # from torch's caching host allocator
         buffer.copy_(o, non_blocking=True)
         host.append(buffer)
+    # On the model's device's stream: a bare record() goes on the *current* device's stream (cuda:0 unless set),
+    # which holds none of cuda:K's copies, so the event would be complete at once and the buffers read too early.
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return _InFlight(members, host, event)
 
 

@@ -17,8 +17,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from .backbone import encode_condition, load_backbone
+from .checkpoint import cast_keeping_export_weights
 from .denoisers import Denoiser
-from .devices import cast_module
+from .devices import cast_module, compile_settings
 from .heads import ProjectionHeads
 from .lora import add_lora
 from .objective import D3Model, Teacher
@@ -56,9 +57,7 @@ def apply_speed_flags(model: D3Model, teacher: torch.nn.Module, vae, *, gradient
         for module in (model.student, teacher, vae):
             module.to(memory_format=torch.channels_last)
     if compile:
-        from torch._dynamo import config as dynamo_config  # noqa: PLC0415  (slow to import; only with --compile)
-
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        compile_settings(checkpointing=gradient_checkpointing)
         for module in (model.student, teacher, vae.encoder, vae.decoder):
             module.compile(backend=compile_backend, dynamic=False)
 
@@ -131,7 +130,8 @@ def build_model(args, device: torch.device, weight_dtype: torch.dtype):
     prompt_embeds = condition["encoder_hidden_states"] if backbone.architecture == "unet" else condition
 
     student, teacher = build_student_and_teacher(args, backbone, device, weight_dtype)
-    vae = cast_module(backbone.vae.requires_grad_(False).eval(), device, weight_dtype)
+    # bf16/fp16 for the step; the checkpoints get the pretrained fp32 VAE, not this cast
+    vae = cast_keeping_export_weights(backbone.vae.requires_grad_(False).eval(), device, weight_dtype)
     try:
         layers = student.layer_set(args.layer_set)
     except ValueError as err:
