@@ -24,8 +24,8 @@ from .latents import vae_scale_factor
 from .objective import Objective, StepOutput, d3_step
 from .run_lock import lock_output_dir
 from .training_args import TaskRecipe, build_parser, validate_args  # noqa: F401  (the flags: a light module)
-from .training_checkpoints import (clean_interrupted_saves, export_predictor, gather_for_export, resume_training,
-                                   save_training_checkpoint)
+from .training_checkpoints import (checkpoint_exports, clean_interrupted_saves, export_predictor, gather_for_export,
+                                   resume_training, save_training_checkpoint)
 from .training_data import batch_to, build_training_data, make_loader, random_hflip, step_generator, stop_on_bad_sample
 from .training_setup import (build_model, configure_deepspeed, make_accelerator, make_lr_scheduler, make_optimizer,
                              step_autocast)
@@ -175,7 +175,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                 history.append({"step": global_step, **logs})
             if global_step % args.checkpointing_steps == 0 or global_step >= args.max_train_steps:
                 save_training_checkpoint(accelerator, model, output_dir, global_step,
-                                         {"global_step": global_step, "micro_step": micro_step, **counters}, export,
+                                         {"global_step": global_step, "micro_step": micro_step, **counters},
+                                         export if checkpoint_exports(global_step, args) else None,
                                          args.checkpoints_total_limit)
             if global_step >= args.max_train_steps:
                 break
