@@ -151,8 +151,8 @@ def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
                  "--max_train_samples", "--num_timesteps", "--max_nonfinite"):
         flags.at_least(flag, getattr(args, flag[2:]), 1)
     # --max_train_steps 0 exports the untrained model (the quick start's baseline)
-    for flag in ("--max_train_steps", "--checkpoints_total_limit", "--export_every", "--lr_warmup_steps", "--dataloader_num_workers", "--lora_rank", "--adam_weight_decay",
-                 "--lambda_task", "--lambda_align", *(f"--lambda_{term}" for term in recipe.loss_weights)):
+    for flag in ("--max_train_steps", "--checkpoints_total_limit", "--export_every", "--lr_warmup_steps",
+                 "--dataloader_num_workers", "--lora_rank", "--adam_weight_decay", "--lambda_task", "--lambda_align", *(f"--lambda_{term}" for term in recipe.loss_weights)):
         flags.at_least(flag, getattr(args, flag[2:]), 0)
     for flag in ("--learning_rate", "--adam_epsilon", "--max_grad_norm", "--lora_alpha"):
         flags.positive(flag, getattr(args, flag[2:]))
