@@ -173,3 +173,26 @@ def test_without_deepspeed_nothing_changes():
     from d3.training_setup import configure_deepspeed
 
     configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), train_args(), torch.bfloat16)
+
+
+def test_on_cuda_the_engine_forward_keeps_the_bf16_autocast(monkeypatch):
+    """DeepSpeed's engine forward turns an outer autocast off unless its config enables `torch_autocast`
+    (`autocast_if_enabled`, DeepSpeed >= 0.17.2). It asks `torch.is_autocast_enabled()`, which reads CUDA's state
+    only: on the CPU the outer autocast passes through either way, so the launch test above cannot see this. Here
+    CUDA's outer autocast is simulated; the student must still run in bf16 inside the engine, as under DDP."""
+    from deepspeed.runtime import torch_autocast as ds_autocast
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from d3.training_setup import configure_deepspeed
+
+    accelerator = zero2_accelerator()
+    accelerator.num_processes = 1  # DeepSpeed's config check compares the batch with its (here: 1-process) world
+    configure_deepspeed(accelerator, train_args(), torch.bfloat16)
+    config = DeepSpeedConfig(accelerator.state.deepspeed_plugin.deepspeed_config)
+    engine = SimpleNamespace(torch_autocast_enabled=lambda: config.torch_autocast_enabled,
+                             torch_autocast_dtype=lambda: config.torch_autocast_dtype)
+    assert config.torch_autocast_lower_precision_safe_modules == []  # gradients are reduced in fp32
+    monkeypatch.setattr(ds_autocast, "_WARNED_NESTED_AUTOCAST", True)  # (its one-time log needs a process group)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: True)  # as inside `step_autocast` on CUDA
+    with torch.autocast("cpu", dtype=torch.bfloat16), ds_autocast.autocast_if_enabled(engine):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
