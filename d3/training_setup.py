@@ -92,12 +92,13 @@ def adamw(params, args, device: torch.device) -> torch.optim.AdamW:
 def scheduler_steps_per_update(accelerator) -> int:
     """How many times the prepared LR scheduler steps per optimizer update; the schedule's lengths are multiplied by it.
 
-    d3's scheduler is diffusers' LambdaLR. accelerate hands a client scheduler to DeepSpeed's engine only when it is
-    one of DeepSpeed's own classes (`deepspeed.runtime.lr_schedules.VALID_LR_SCHEDULES`, accelerate 1.0 to 1.16), so
-    under every distributed type, DeepSpeed included, it is wrapped in `AcceleratedScheduler`, which steps it once
-    per process and update (`AcceleratorState().num_processes` times) unless batches are split. That count is
-    accelerate's, not the process group's: with several processes on CPUs under DeepSpeed accelerate reports 1 per
-    rank while DeepSpeed sees them all, and the wrapper then steps once, so the schedule must be built for 1 too."""
+    d3's scheduler is diffusers' LambdaLR. accelerate hands a client scheduler to DeepSpeed's engine (which would step
+    it once per update) only when it is one of DeepSpeed's own classes (`deepspeed.runtime.lr_schedules.
+    VALID_LR_SCHEDULES`; so in accelerate 1.0, 1.5, 1.10, 1.13, 1.15 and main). So under every distributed type,
+    DeepSpeed included, it is wrapped in `AcceleratedScheduler`, which steps it once per process and update
+    (`AcceleratorState().num_processes` times) unless batches are split. That count is accelerate's, not the process
+    group's: with several CPU processes under DeepSpeed accelerate reports 1 per rank while DeepSpeed sees them all,
+    and the wrapper then steps once per update, so the schedule is built for 1 there too."""
     if accelerator.split_batches or not accelerator.step_scheduler_with_optimizer:
         return 1
     return accelerator.num_processes

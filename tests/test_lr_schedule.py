@@ -63,7 +63,7 @@ def test_split_batches_step_once_per_update():
 def test_deepspeed_engine_never_steps_the_schedule_d3_builds():
     """The premise of the DeepSpeed rows above: accelerate passes a scheduler to `deepspeed.initialize` (whose engine
     would step it once per update) only when its class is one of DeepSpeed's; otherwise it wraps it in
-    AcceleratedScheduler (accelerate's `_prepare_deepspeed`, 1.0 to 1.16)."""
+    AcceleratedScheduler (accelerate's `_prepare_deepspeed`, read in 1.0, 1.5, 1.10, 1.13, 1.15 and main)."""
     lr_schedules = pytest.importorskip("deepspeed.runtime.lr_schedules")
     args = SimpleNamespace(lr_scheduler="constant_with_warmup", lr_warmup_steps=2, max_train_steps=4)
     accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1, split_batches=False,
