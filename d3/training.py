@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from .latents import vae_scale_factor
 from .objective import Objective, StepOutput, d3_step
 from .run_lock import lock_output_dir
 from .training_args import TaskRecipe, build_parser, validate_args  # noqa: F401  (the flags: a light module)
-from .training_checkpoints import (clean_interrupted_saves, export_predictor, gather_for_export, resume_training,
-                                   save_training_checkpoint)
+from .training_checkpoints import (checkpoint_exports, clean_interrupted_saves, export_predictor, gather_for_export,
+                                   resume_training, save_training_checkpoint)
 from .training_data import batch_to, build_training_data, make_loader, random_hflip, step_generator, stop_on_bad_sample
-from .training_setup import build_model, make_accelerator, make_optimizer
+from .training_setup import (build_model, configure_deepspeed, make_accelerator, make_lr_scheduler, make_optimizer,
+                             step_autocast)
 
 logger = logging.getLogger("d3.train")
 
@@ -75,18 +75,14 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
         clean_interrupted_saves(output_dir)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    configure_deepspeed(accelerator, args, weight_dtype)  # before prepare; DeepSpeed's bf16 is replaced by autocast
     model, experts, vae, prompt_embeds = build_model(args, accelerator.device, weight_dtype)
     sources, probs, dataset, sampler = build_training_data(args, recipe, accelerator.num_processes,
                                                            accelerator.process_index)
     loader = make_loader(dataset, sampler, args.dataloader_num_workers)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args, accelerator.device)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     objective = Objective(recipe.task_loss, {term: getattr(args, f"lambda_{term}") for term in recipe.loss_weights},
                           args.lambda_task, args.lambda_align)
@@ -141,7 +137,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                     latent_shape = (global_size, args.num_timesteps, unwrapped.denoiser.latent_channels,
                                     args.resolution // vae_scale_factor(vae), args.resolution // vae_scale_factor(vae))
                     noise = torch.randn(latent_shape, generator=generator)[rows].to(accelerator.device)
-                    with accelerator.autocast():
+                    with step_autocast(accelerator, weight_dtype):
                         out = d3_step(model, experts, vae, prompt_embeds, objective, batch, t, noise)
                     if all_finite(accelerator, out.loss):  # every process agrees, so none waits in backward alone
                         accelerator.backward(out.loss)
@@ -179,7 +175,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                 history.append({"step": global_step, **logs})
             if global_step % args.checkpointing_steps == 0 or global_step >= args.max_train_steps:
                 save_training_checkpoint(accelerator, model, output_dir, global_step,
-                                         {"global_step": global_step, "micro_step": micro_step, **counters}, export,
+                                         {"global_step": global_step, "micro_step": micro_step, **counters},
+                                         export if checkpoint_exports(global_step, args) else None,
                                          args.checkpoints_total_limit)
             if global_step >= args.max_train_steps:
                 break

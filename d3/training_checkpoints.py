@@ -116,10 +116,18 @@ def gather_for_export(accelerator, model) -> dict[str, torch.Tensor] | None:
     return accelerator.get_state_dict(model)
 
 
+def checkpoint_exports(step: int, args) -> bool:
+    """Whether checkpoint-`step` also holds the inference folder: every --export_every-th checkpoint, never the last
+    step's (the run exports its final model into --output_dir, once). The same answer on every process."""
+    every = getattr(args, "export_every", 1)
+    return bool(every) and step < args.max_train_steps and step % (args.checkpointing_steps * every) == 0
+
+
 def save_training_checkpoint(accelerator, model, output_dir: Path, step: int, trainer_state: dict,
-                             export: Callable[[Path, dict | None], None], total_limit: int | None) -> None:
-    """Write `checkpoint-N` (accelerate's state, `trainer_state`, the inference folder through `export`) under a
-    `.tmp` name, then rename it into place; keep the newest `total_limit` checkpoints. Every process calls this."""
+                             export: Callable[[Path, dict | None], None] | None, total_limit: int | None) -> None:
+    """Write `checkpoint-N` (accelerate's state, `trainer_state`, and the inference folder through `export` unless it
+    is None) under a `.tmp` name, then rename it into place; keep the newest `total_limit` checkpoints (0 or None:
+    all). Every process calls this, with the same `export` or None."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -130,10 +138,11 @@ def save_training_checkpoint(accelerator, model, output_dir: Path, step: int, tr
     # Every process has written its part (its random states) before the main process renames the folder: without
     # this barrier a slower rank wrote into a folder already renamed away and failed.
     accelerator.wait_for_everyone()
-    full_state = gather_for_export(accelerator, model)
+    full_state = gather_for_export(accelerator, model) if export is not None else None
     if accelerator.is_main_process:
         (tmp / "training_state" / "trainer_state.json").write_text(json.dumps(trainer_state))
-        export(tmp, full_state)
+        if export is not None:
+            export(tmp, full_state)
         aside = output_dir / f".checkpoint-{step}.old"
         if final.exists():  # an existing checkpoint-N is set aside, not deleted, until the new one is in place
             shutil.rmtree(aside, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 
 from .backbone import encode_condition, load_backbone
 from .checkpoint import cast_keeping_export_weights
@@ -86,6 +86,77 @@ def adamw(params, args, device: torch.device) -> torch.optim.AdamW:
     times as long as the fused one (benchmarks/train_step.py prints the update's time per step)."""
     fused = device.type in FUSED_ADAMW_DEVICES and not getattr(args, "no_fused_adam", False)
     return torch.optim.AdamW(params, **adam_hyperparameters(args), fused=fused or None)
+
+
+def scheduler_steps_per_update(accelerator) -> int:
+    """How many times the prepared LR scheduler steps per optimizer update; the schedule's lengths are multiplied by it.
+
+    d3's scheduler is diffusers' LambdaLR. accelerate hands a client scheduler to DeepSpeed's engine (which would step
+    it once per update) only when it is one of DeepSpeed's own classes (`deepspeed.runtime.lr_schedules.
+    VALID_LR_SCHEDULES`; so in accelerate 1.0, 1.5, 1.10, 1.13, 1.15 and main). So under every distributed type,
+    DeepSpeed included, it is wrapped in `AcceleratedScheduler`, which steps it once per process and update
+    (`AcceleratorState().num_processes` times) unless batches are split. That count is accelerate's, not the process
+    group's: with several CPU processes under DeepSpeed accelerate reports 1 per rank while DeepSpeed sees them all,
+    and the wrapper then steps once per update, so the schedule is built for 1 there too."""
+    if accelerator.split_batches or not accelerator.step_scheduler_with_optimizer:
+        return 1
+    return accelerator.num_processes
+
+
+def make_lr_scheduler(optimizer, args, accelerator):
+    """The run's LR schedule, counted in optimizer updates (--lr_warmup_steps, --max_train_steps)."""
+    from diffusers.optimization import get_scheduler  # noqa: PLC0415  (diffusers is slow to import)
+
+    per_update = scheduler_steps_per_update(accelerator)
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * per_update,
+                         num_training_steps=args.max_train_steps * per_update)
+
+
+def configure_deepspeed(accelerator, args, weight_dtype: torch.dtype) -> None:
+    """Before `accelerator.prepare` under DeepSpeed (else nothing): the values accelerate cannot infer, and d3's
+    precision contract.
+
+    - No DataLoader goes through `prepare` (d3 shards the data itself), so the micro-batch size is set here;
+      accumulation and clipping come from --gradient_accumulation_steps and --max_grad_norm, as in every other launch.
+    - DeepSpeed's own bf16 mode would cast the whole D3Model to bf16 (the learned timestep 261 becomes 260 and steps
+      of ~3e-5 never move it; the export would be bf16). Instead the model stays fp32, as under DDP, and the step runs
+      under bf16 autocast: DeepSpeed's `torch_autocast` for the engine's forward (with no lower-precision gradient
+      communication) and `step_autocast` around the rest. ZeRO-2 still shards the fp32 gradients and AdamW states.
+    - A non-finite loss skips the update by not calling backward; with accumulation the earlier micro-batches of
+      the cycle are already inside the engine, which steps on its own at the boundary: refused.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    if accelerator.gradient_accumulation_steps != 1 or args.gradient_accumulation_steps != 1:
+        raise SystemExit(
+            f"error: --gradient_accumulation_steps {args.gradient_accumulation_steps}: DeepSpeed runs take 1 (the "
+            "default is 8): with accumulation a non-finite loss could not skip its update, because the engine already "
+            "holds the cycle's earlier micro-batches; grow the batch with --train_batch_size and the number of GPUs, "
+            "or use configs/multi_gpu.yaml")
+    if weight_dtype == torch.float16:
+        raise SystemExit("error: --mixed_precision fp16: DeepSpeed runs take bf16 or no (d3 keeps the model fp32 "
+                         "under autocast, and fp16 autocast would need a gradient scaler DeepSpeed does not run)")
+    config = plugin.deepspeed_config
+    if config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise SystemExit("error: DeepSpeed ZeRO-3 is not supported (d3 exports the student from the engine's module, "
+                         "whose weights ZeRO-3 partitions); use configs/deepspeed_zero2.yaml")
+    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = args.train_batch_size * accelerator.num_processes
+    config["gradient_clipping"] = args.max_grad_norm
+    config["fp16"] = {"enabled": False}
+    config["bf16"] = {"enabled": False}
+    if weight_dtype == torch.bfloat16:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+
+
+def step_autocast(accelerator, weight_dtype: torch.dtype):
+    """The step's autocast context: accelerate's, except under DeepSpeed, where accelerate's is a no-op (DeepSpeed
+    owns precision) and d3 autocasts the teacher, VAE and losses itself (see `configure_deepspeed`)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
+    return accelerator.autocast()
 
 
 def make_optimizer(params, args, device: torch.device) -> torch.optim.Optimizer:

@@ -115,7 +115,7 @@ def test_fsdp_config_trains_and_exports_on_one_gpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"),
                            str(ROOT / "train_depth.py"), "--pretrained_model_name_or_path", str(backbone), "--dataset",
                            str(data), "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "2",
-                           "--max_train_steps", "2", "--checkpointing_steps", "1", "--lr_warmup_steps", "0",
+                           "--max_train_steps", "2", "--checkpointing_steps", "1", "--export_every", "1", "--lr_warmup_steps", "0",
                            "--dataloader_num_workers", "0", "--report_to", "none", "--gradient_checkpointing"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
