@@ -11,6 +11,12 @@ the seconds per predicted image, and what a validation of NYUv2 100 + KITTI 100 
 every 500 updates costs as a share of the training time at the measured rates. The `sd21` backbone has SD 2.1's
 shapes and random weights (built once into `--cache_dir`); a step here is one micro-batch (`--batch_size` images,
 no accumulation): with gradient accumulation A the step costs about A times as much and the share falls by A.
+
+    python benchmarks/validation.py --backbone sd21 --resolution 256 --score_only --step_s 47.4 --samples 4
+
+`--score_only` times the validation's scoring alone (evaluate.py's loop on the untrained predictor of the backbone,
+the work of a validation without the training run around it: for a machine where the training step does not fit
+beside other work) and takes the update's time from `--step_s` (e.g. `benchmarks/train_step.py`'s).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="held-out scenes scored per validation")
     p.add_argument("--pictures", type=int, default=2, help="of them pictured")
     p.add_argument("--num_threads", type=int, default=None)
+    p.add_argument("--score_only", action="store_true", help="time the scoring alone; the step from --step_s")
+    p.add_argument("--step_s", type=float, default=None, help="with --score_only: seconds per training update")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return p.parse_args(argv)
 
@@ -53,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     resolution = args.resolution or default_resolution(args.backbone)
     set_threads(args.num_threads)
     backbone = ensure_backbone(args.backbone, args.cache_dir, args.backbone_dir)
+    if args.score_only:
+        return score_only(args, backbone, resolution)
 
     import train_depth
     from d3.data.synthetic import write_synthetic_dataset
@@ -110,6 +120,38 @@ def main(argv: list[str] | None = None) -> dict:
           f"({per_image / step_s:.3f} of an update)")
     print(f"  NYUv2 100 + KITTI 100 + Hypersim 80 (+12 pictured) every {PAPER_PERIOD} updates: "
           f"{100 * share:.2f} % of the training time")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def score_only(args: argparse.Namespace, backbone: Path, resolution: int) -> dict:
+    """evaluate.py's loop over `--samples` held-out scenes with the backbone's untrained predictor, timed."""
+    from d3.data.benchmarks import BENCHMARKS
+    from d3.data.synthetic import write_synthetic_dataset
+    from d3.eval_options import EvalOptions
+    from d3.evaluation import evaluate_benchmark
+    from d3.predictor import predictor_from_backbone
+
+    predictor = predictor_from_backbone(backbone, "depth", device="cpu", processing_res=resolution)
+    predictor.config.resize_mode = "squash"
+    with tempfile.TemporaryDirectory() as tmp:
+        held = write_synthetic_dataset(Path(tmp) / "held", args.samples, resolution, resolution, seed=1,
+                                       tasks=("depth",))
+        bench = BENCHMARKS["synthetic"](held)
+        evaluate_benchmark(bench, EvalOptions(device="cpu", progress=False), predictor=predictor)  # warm-up
+        start = time.perf_counter()
+        evaluate_benchmark(bench, EvalOptions(device="cpu", progress=False), predictor=predictor)
+        per_image = (time.perf_counter() - start) / args.samples
+    print(f"{args.backbone} at {resolution} px, {torch_threads()} threads: scoring {per_image:.3f} s per image")
+    result = {"backbone": args.backbone, "resolution": resolution, "s_per_validation_image": per_image}
+    if args.step_s:
+        share = (PAPER_SETS + PAPER_PICTURES) * per_image / (PAPER_PERIOD * args.step_s)
+        result.update(step_s=args.step_s, validation_image_per_step=per_image / args.step_s,
+                      paper_sets_every_500_share=share)
+        print(f"  against a {args.step_s:.3f} s update: {per_image / args.step_s:.3f} of an update per image; "
+              f"NYUv2 100 + KITTI 100 + Hypersim 80 (+12 pictured) every {PAPER_PERIOD} updates: "
+              f"{100 * share:.2f} % of the training time")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result
