@@ -121,7 +121,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe, make_validation=None) ->
         export_predictor(path, unwrapped, vae, prompt_embeds, args, recipe, full_state)
 
     if validation is not None:  # d3/validation.py: restores the best so far; step 0 with --validate_at_start
-        validation.attach(accelerator, unwrapped, vae, prompt_embeds, export, output_dir, global_step, resumed is not None)
+        validation.attach(accelerator, unwrapped, vae, prompt_embeds, export, output_dir, global_step,
+                          resumed is not None)
     while global_step < args.max_train_steps:
         epoch, skip = divmod(micro_step, batches_per_epoch)
         sampler.set_epoch(epoch)

@@ -166,8 +166,8 @@ def check_validation_flags(args: argparse.Namespace) -> None:
     for spec in specs:
         name, path, _ = parse_validation_spec(spec)
         if name not in BENCHMARKS:
-            raise flags.bad("--validation_dataset", spec, f"unknown benchmark {name!r}; expected one of "
-                                                          f"{sorted(BENCHMARKS)}")
+            raise flags.bad("--validation_dataset", spec,
+                            f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
         if not Path(path).expanduser().exists():
             raise flags.bad("--validation_dataset", spec, f"{path}: no such file or folder")
         if name in names:

@@ -119,7 +119,8 @@ def test_validation_does_not_change_training(validated_run, plain_run):
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
     from accelerate.utils.other import load as load_rng
 
-    ra, rb = (load_rng(p / "checkpoint-4" / "training_state" / "random_states_0.pkl") for p in (validated_run, plain_run))
+    ra, rb = (load_rng(run / "checkpoint-4" / "training_state" / "random_states_0.pkl")
+              for run in (validated_run, plain_run))
     assert torch.equal(ra["torch_manual_seed"], rb["torch_manual_seed"])
     assert not (plain_run / "validation").exists() and not (plain_run / "best").exists()
 
