@@ -46,6 +46,8 @@ logger = logging.getLogger("d3.train")
 
 # The metric a set is judged by unless --best_metric says otherwise, per task, and the metrics where more is better.
 MAIN_METRIC = {"depth": "abs_rel", "normal": "mean", "matting": "sad", "segmentation": "iou"}
+SHOWN = {"depth": ("abs_rel", "delta1"), "normal": ("mean", "a11_25"), "matting": ("sad", "mse"),
+         "segmentation": ("iou", "dice")}  # the console line's metrics per task (the best metric's first)
 HIGHER_IS_BETTER = frozenset({"delta1", "delta2", "delta3", "a5", "a7_5", "a11_25", "a22_5", "a30", "iou",
                               "pixel_acc", "dice"})
 
@@ -205,7 +207,7 @@ class Validation:
         parts = []
         for name, s in summaries.items():
             shown = [self.best_metric] if name == self.best_set else []
-            shown += [k for k in self.keys[name][:2] if k not in shown]
+            shown += [k for k in SHOWN[s["task"]] if k not in shown and k in s]
             skipped = s["skipped_invalid"]["count"]
             parts.append(f"{name} ({s['num_samples']}" + (f", {skipped} unreadable" if skipped else "") + ") "
                          + " ".join(f"{k} {s[k]:.4f}" for k in shown))
