@@ -36,6 +36,13 @@ from benchmarks.common import DEFAULT_CACHE, default_resolution, ensure_backbone
 PAPER_SETS = 100 + 100 + 80  # Marigold's trainer: NYUv2 100, KITTI 100, Hypersim val 80
 PAPER_PICTURES = 3 * 4
 PAPER_PERIOD = 500
+RECIPE_IMAGES = 4 * 8  # the recipes' default update per process: --train_batch_size 4, --gradient_accumulation_steps 8
+
+
+def recipe_share(per_image: float, train_s_per_image: float) -> float:
+    """The paper-style sets' validation every 500 updates of the recipe's default size, as a share of training (each
+    process scores 1/P of the samples and trains 1/P of the images: P cancels)."""
+    return (PAPER_SETS + PAPER_PICTURES) * per_image / (PAPER_PERIOD * RECIPE_IMAGES * train_s_per_image)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--score_only", action="store_true", help="time the scoring alone; the step from --step_s")
     p.add_argument("--step_s", type=float, default=None, help="with --score_only: seconds per training update")
+    p.add_argument("--step_images", type=int, default=1, help="with --score_only: images in that update")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return p.parse_args(argv)
 
@@ -112,14 +120,16 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"backbone": args.backbone, "resolution": resolution, "batch_size": args.batch_size,
               "step_s": step_s, "validation_s": validations, "images_per_validation": images,
               "s_per_validation_image": per_image, "validation_image_per_step": per_image / step_s,
-              "paper_sets_every_500_share": share}
+              "paper_sets_every_500_share": share,
+              "recipe_share": recipe_share(per_image, step_s / args.batch_size)}
     print(f"{args.backbone} at {resolution} px, {args.batch_size} images per update, {torch_threads()} threads")
     print(f"  training update (median of {len(steps)}): {step_s:.3f} s")
     print(f"  validation: {statistics.median(validations):.3f} s for {args.samples} samples + "
           f"{min(args.pictures, args.samples)} pictured = {per_image:.4f} s per image "
           f"({per_image / step_s:.3f} of an update)")
     print(f"  NYUv2 100 + KITTI 100 + Hypersim 80 (+12 pictured) every {PAPER_PERIOD} updates: "
-          f"{100 * share:.2f} % of the training time")
+          f"{100 * share:.2f} % of the training time at {args.batch_size} images per update, "
+          f"{100 * result['recipe_share']:.2f} % at the recipes' {RECIPE_IMAGES}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result
@@ -147,11 +157,13 @@ def score_only(args: argparse.Namespace, backbone: Path, resolution: int) -> dic
     result = {"backbone": args.backbone, "resolution": resolution, "s_per_validation_image": per_image}
     if args.step_s:
         share = (PAPER_SETS + PAPER_PICTURES) * per_image / (PAPER_PERIOD * args.step_s)
+        recipe = recipe_share(per_image, args.step_s / args.step_images)
         result.update(step_s=args.step_s, validation_image_per_step=per_image / args.step_s,
-                      paper_sets_every_500_share=share)
-        print(f"  against a {args.step_s:.3f} s update: {per_image / args.step_s:.3f} of an update per image; "
-              f"NYUv2 100 + KITTI 100 + Hypersim 80 (+12 pictured) every {PAPER_PERIOD} updates: "
-              f"{100 * share:.2f} % of the training time")
+                      paper_sets_every_500_share=share, recipe_share=recipe)
+        print(f"  against a {args.step_s:.3f} s update of {args.step_images} images: {per_image / args.step_s:.3f} "
+              f"of an update per image; NYUv2 100 + KITTI 100 + Hypersim 80 (+12 pictured) every {PAPER_PERIOD} "
+              f"updates: {100 * share:.2f} % of the training time at that update, {100 * recipe:.2f} % at the "
+              f"recipes' {RECIPE_IMAGES} images per update")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result
