@@ -100,6 +100,10 @@ class FeatureCapture:
         store, self._store = self._store, {}
         return {n: store[n] for n in self.layers}
 
+    def clear(self) -> None:
+        """Drop what the last forward pass captured (a pass whose features nobody pops, e.g. a validation's)."""
+        self._store = {}
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

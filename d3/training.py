@@ -63,8 +63,13 @@ def step_logs(accelerator, out: StepOutput, lr: float, student_timestep: float, 
     return logs
 
 
-def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
-    """Run training; returns the exported checkpoint folder and the per-step log."""
+def train(args: argparse.Namespace, recipe: TaskRecipe, make_validation=None) -> TrainResult:
+    """Run training; returns the exported checkpoint folder and the per-step log. `make_validation(args, recipe)`
+    (`d3.validation.Validation`, which `d3.train_cli` passes with --validation_dataset) scores the student during
+    training: built before the model loads, then `attach`ed once and called `after_step` every update."""
+    if getattr(args, "validation_dataset", None) and make_validation is None:
+        raise ValueError("--validation_dataset needs make_validation=d3.validation.Validation (d3.train_cli passes it)")
+    validation = make_validation(args, recipe) if getattr(args, "validation_dataset", None) else None
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
     _run_lock = lock_output_dir(output_dir, accelerator.is_main_process)  # held until train() returns; d3/run_lock.py
@@ -111,6 +116,9 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
     def export(path: Path, full_state: dict | None) -> None:  # the inference folder: a checkpoint's or the run's
         export_predictor(path, unwrapped, vae, prompt_embeds, args, recipe, full_state)
 
+    if validation is not None:  # d3/validation.py: restores the best so far; step 0 with --validate_at_start
+        validation.attach(accelerator, unwrapped, vae, prompt_embeds, export, output_dir, global_step,
+                          resumed is not None)
     while global_step < args.max_train_steps:
         epoch, skip = divmod(micro_step, batches_per_epoch)
         sampler.set_epoch(epoch)
@@ -173,6 +181,8 @@ def train(args: argparse.Namespace, recipe: TaskRecipe) -> TrainResult:
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", t=f"{logs['student_timestep']:.1f}")
                 accelerator.log(logs, step=global_step)
                 history.append({"step": global_step, **logs})
+            if validation is not None:
+                validation.after_step(global_step)
             if global_step % args.checkpointing_steps == 0 or global_step >= args.max_train_steps:
                 save_training_checkpoint(accelerator, model, output_dir, global_step,
                                          {"global_step": global_step, "micro_step": micro_step, **counters},

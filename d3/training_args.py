@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import flags
+from .data.benchmarks import BENCHMARKS
 from .flags import DEFAULT_BASE_MODEL, HEAD_TYPES, LAYER_SETS, MIXING_MODES, FlagError, parse_dataset_spec
 
 if TYPE_CHECKING:
@@ -131,7 +132,71 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--save_lora_as", default="merged", choices=["merged", "adapter"],
       help="export a LoRA student merged into full weights, or as the adapter alone (loads over the base model)")
     a("--use_8bit_adam", action="store_true", help="8-bit AdamW states (bitsandbytes, CUDA only)")
+    add_validation_flags(p)
     return p
+
+
+# ------------------------------------------------------------------------------- in-training validation (d3.validation)
+DEFAULT_VALIDATION_STEPS = 500  # Marigold's trainer validates every 500 iterations
+
+
+def add_validation_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--validation_dataset", action="append", default=None, metavar="NAME=PATH[:N]",
+      help="score the student during training on an evaluate.py benchmark (repeatable): NAME one of "
+           f"{sorted(BENCHMARKS)}, PATH its --data-root, N its first N samples (default: all); the same protocol "
+           "and numbers as evaluate.py --checkpoint")
+    a("--validation_steps", type=int, default=None, metavar="K",
+      help=f"validate every K optimizer updates and after the last (default {DEFAULT_VALIDATION_STEPS} once a "
+           "--validation_dataset is given)")
+    a("--validation_images", type=int, default=4, metavar="M",
+      help="samples pictured per set and validation (input | prediction | ground truth | error; 0: none)")
+    a("--best_metric", default=None, metavar="SET/METRIC",
+      help="keep OUTPUT/best/ at the best value of this metric (default: the first set's main metric: abs_rel for "
+           "depth, mean angular error for normals, sad for mattes, iou for masks)")
+    a("--validate_at_start", action="store_true", help="also validate the untrained model (step 0)")
+
+
+def parse_validation_spec(spec: str) -> tuple[str, str, int | None]:
+    """`NAME=PATH[:N]` -> (name, path, N or None). Raises FlagError."""
+    name, eq, rest = spec.partition("=")
+    if not eq or not name or not rest:
+        raise flags.bad("--validation_dataset", spec, "expected NAME=PATH[:N]")
+    path, colon, count = rest.rpartition(":")
+    if not colon or not count.isdigit():
+        return name, rest, None
+    if int(count) < 1:
+        raise flags.bad("--validation_dataset", spec, "N (samples) must be at least 1")
+    return name, path, int(count)
+
+
+def check_validation_flags(args: argparse.Namespace) -> None:
+    """The validation flags without opening a set: names, paths, counts, periods, the best metric's set."""
+    specs = getattr(args, "validation_dataset", None) or []
+    names = []
+    for spec in specs:
+        name, path, _ = parse_validation_spec(spec)
+        if name not in BENCHMARKS:
+            raise flags.bad("--validation_dataset", spec,
+                            f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
+        if not Path(path).expanduser().exists():
+            raise flags.bad("--validation_dataset", spec, f"{path}: no such file or folder")
+        if name in names:
+            raise flags.bad("--validation_dataset", spec, f"{name} is given twice")
+        names.append(name)
+    if not specs:
+        for flag in ("--validation_steps", "--best_metric"):
+            if getattr(args, flag[2:], None) is not None:
+                raise flags.bad(flag, getattr(args, flag[2:]), "needs a --validation_dataset")
+        if getattr(args, "validate_at_start", False):
+            raise FlagError("--validate_at_start needs a --validation_dataset")
+        return
+    flags.at_least("--validation_steps", args.validation_steps, 1)
+    flags.at_least("--validation_images", args.validation_images, 0)
+    if args.best_metric is not None:
+        name, slash, metric = args.best_metric.partition("/")
+        if not slash or name not in names or not metric:
+            raise flags.bad("--best_metric", args.best_metric, f"expected SET/METRIC with SET one of {names}")
 
 
 def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
@@ -183,6 +248,7 @@ def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
         folder = Path(args.log_history).expanduser().parent
         if not (folder.is_dir() or folder.resolve() == output_dir.resolve()):
             raise flags.bad("--log_history", args.log_history, "its folder does not exist")
+    check_validation_flags(args)
 
 
 def data_root_sources(data_dir: str, recipe: TaskRecipe) -> list[str]:

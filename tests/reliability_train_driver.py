@@ -1,10 +1,12 @@
 """Runs train_depth's recipe in a real process that SIGKILLs itself at a chosen moment (for the reliability tests).
 
-    python tests/reliability_train_driver.py [--kill_at_micro_step N | --kill_in_checkpoint STEP] -- TRAIN FLAGS
+    python tests/reliability_train_driver.py [--kill_at_micro_step N | --kill_in_checkpoint STEP |
+                                              --kill_in_validation STEP] -- TRAIN FLAGS
 
 --kill_at_micro_step N   SIGKILL in the middle of micro-step N (after its forward pass, before its backward).
 --kill_in_checkpoint S   SIGKILL while checkpoint S is being written: its training state and the UNet of its
                          inference folder are on disk in `.checkpoint-S.tmp`, the VAE, prompt and config are not.
+--kill_in_validation S   SIGKILL in the validation at step S (--validation_dataset), at its second prediction.
 
 Nothing here changes how training computes; the hooks only decide when the process dies. A real SIGKILL: no
 Python cleanup, no `finally`, no flushing, exactly as an out-of-memory killer or a pre-empted node would do it.
@@ -39,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--kill_at_micro_step", type=int, default=None)
     p.add_argument("--kill_in_checkpoint", type=int, default=None)
+    p.add_argument("--kill_in_validation", type=int, default=None)
     ours, train_argv = p.parse_known_args()
     if train_argv and train_argv[0] == "--":
         train_argv = train_argv[1:]
@@ -66,8 +69,27 @@ def main() -> None:
 
         training.export_predictor = export_predictor
 
+    from d3 import validation
+
+    if ours.kill_in_validation is not None:
+        real_run, real_predict = validation.Validation.run, validation.LivePredictor.predict
+        calls = {"n": 0}
+
+        def predict(self, *args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                die()
+            return real_predict(self, *args, **kw)
+
+        def run(self, step):
+            if step == ours.kill_in_validation:
+                validation.LivePredictor.predict = predict
+            return real_run(self, step)
+
+        validation.Validation.run = run
+
     args = training.build_parser(recipe).parse_args(train_argv)
-    training.train(args, recipe)
+    training.train(args, recipe, validation.Validation)
 
 
 if __name__ == "__main__":

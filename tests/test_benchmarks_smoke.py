@@ -92,3 +92,21 @@ def test_peers_benchmark_falls_back_to_synthetic_scenes_without_scikit_image(tmp
     files = sorted(tmp_path.glob("*.jpg"))
     assert [f"{Image.open(f).size[0]}x{Image.open(f).size[1]}" for f in files] == sizes
     assert len(set(sizes)) == 3  # mixed sizes and aspect ratios
+
+
+def test_validation_benchmark_reports_the_validation_against_the_step(tiny_backbone_dir, tmp_path, capsys,
+                                                                      thread_flags):
+    from benchmarks import validation
+
+    out = tmp_path / "validation.json"
+    result = validation.main(["--backbone_dir", str(tiny_backbone_dir), "--resolution", "32", "--steps", "3",
+                              "--every", "2", "--samples", "2", "--pictures", "1", "--json", str(out), *thread_flags])
+    printed = capsys.readouterr().out
+    assert len(result["validation_s"]) == 2  # steps 2 and 3 (the last)
+    assert _finite(result["step_s"]) and _finite(result["s_per_validation_image"])
+    assert result["images_per_validation"] == 3
+    # the share follows from the measured times: (280 samples + 12 pictures) images against 500 updates
+    expected = 292 * result["s_per_validation_image"] / (500 * result["step_s"])
+    assert math.isclose(result["paper_sets_every_500_share"], expected)
+    assert "% of the training time" in printed
+    assert json.loads(out.read_text())["step_s"] == result["step_s"]

@@ -86,6 +86,16 @@ def test_readme_quickstart_learns_depth(tmp_path, one_thread):
     infer_argv = _localise(next(c for c in commands if c[1] == "infer.py"), tmp_path)
     maps = sorted(Path(infer_argv[infer_argv.index("--output") + 1]).rglob("*_depth_colored.png"))
     assert len(maps) == 16, maps
+    # it validates on the held-out scenes while it trains (README, "Watching a run"): AbsRel falls in the log, the
+    # pictures are under OUTPUT/validation/, and the last validation is the trained model's evaluate.py number
+    train_argv = _localise(next(c for c in commands if "train_depth.py" in c and "--validation_dataset" in c), tmp_path)
+    run = Path(train_argv[train_argv.index("--output_dir") + 1])
+    logged = [json.loads(line) for line in (run / "validation" / "history.jsonl").read_text().splitlines()]
+    first, last = logged[0]["values"]["synthetic"], logged[-1]["values"]["synthetic"]
+    assert logged[0]["step"] == 0 and last["abs_rel"] < first["abs_rel"]
+    assert abs(last["abs_rel"] - trained["abs_rel"]) <= 1e-6 * trained["abs_rel"]
+    assert all((run / "validation" / f"step-{r['step']}" / "synthetic.png").exists() for r in logged)
+    assert (run / "best" / "best.json").exists()
 
 
 @pytest.mark.quick
