@@ -50,7 +50,8 @@ def flags(backbone: Path, data: Path, out: Path, *extra: str, steps: int = 4) ->
             "--resolution", "32", "--train_batch_size", "2", "--gradient_accumulation_steps", "1",
             "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--lr_warmup_steps", "0",
             "--learning_rate", "1e-3", "--dataloader_num_workers", "0", "--report_to", "none", "--seed", "7",
-            "--adam_epsilon", "1e-3", "--log_history", str(out / "history.json"), *extra]
+            "--adam_epsilon", "1e-3", "--log_history", str(out / "history.json"),
+            "--export_every", "1", *extra]  # checkpoint-2 carries an inference folder to compare with
 
 
 def validating(held: Path, *extra: str) -> list[str]:
