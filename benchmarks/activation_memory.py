@@ -2,6 +2,9 @@
 
     python benchmarks/activation_memory.py                       # SD 2.1 and FLUX.1-dev shapes, ~10 min of CPU
     python benchmarks/activation_memory.py --backbones tiny tiny-flux --sizes 32 64 --resolutions 64   # CI size
+    python benchmarks/activation_memory.py --backbones sd21 --json sd21.json      # one backbone per process (RAM),
+    python benchmarks/activation_memory.py --backbones flux-dev --json flux.json  # then the table of both:
+    python benchmarks/activation_memory.py --coefficients sd21.json flux.json
 
 What is measured. Every part runs forward once under CPU bf16 autocast on random weights of the real shapes, and
 the bytes it keeps for the backward pass are counted: the distinct storages autograd saves (saved_tensors_hooks)
@@ -278,7 +281,7 @@ def measure(backbone: str, sizes=(64, 128), head_tokens=(4, 8), cuda_policy: boo
 
 
 # ----------------------------------------------------------------------------------------------- the recipes
-# name, backbone, static row ("full" / "fsdp" / "lora"), GPUs, micro-batch, accumulation, resolution,
+# name, backbone, static row ("full", "fsdp", "lora<r>", "lora<r>-8bit"), GPUs, micro-batch, accumulation, resolution,
 # --gradient_checkpointing (student and VAE), head checkpointing, where it comes from
 RECIPES = [
     ("SD 2.1, 1 GPU, B=4 x GA 8 (README 'Training')", "sd21", "full", 1, 4, 8, 768, False, False, "README"),
@@ -290,12 +293,17 @@ RECIPES = [
      True, False, "README"),
     ("FLUX.1-dev, FSDP 8 GPUs, B=1, --gradient_checkpointing", "flux-dev", "fsdp", 8, 1, 1, 768, True, True, ""),
     ("FLUX.1-dev, FSDP 8 GPUs, B=2, --gradient_checkpointing", "flux-dev", "fsdp", 8, 2, 1, 768, True, True, ""),
-    ("FLUX.1-dev, LoRA 64, 1 GPU, B=1, checkpointing without the heads (before)", "flux-dev", "lora", 1, 1, 32,
-     768, True, False, "README"),
-    ("FLUX.1-dev, LoRA 64, 1 GPU, B=1, --gradient_checkpointing", "flux-dev", "lora", 1, 1, 32, 768, True, True, ""),
-    ("FLUX.1-dev, LoRA 64, 1 GPU, B=1, no checkpointing", "flux-dev", "lora", 1, 1, 32, 768, False, False, ""),
+    ("FLUX.1-dev, LoRA 64, 1 GPU, B=1, checkpointing without the heads (before)", "flux-dev", "lora64", 1, 1,
+     32, 768, True, False, "README"),
+    ("FLUX.1-dev, LoRA 64, 1 GPU, B=1, --gradient_checkpointing", "flux-dev", "lora64", 1, 1, 32, 768, True, True,
+     ""),
+    ("FLUX.1-dev, LoRA 64, 1 GPU, B=1, no checkpointing", "flux-dev", "lora64", 1, 1, 32, 768, False, False, ""),
+    ("FLUX.1-dev, LoRA 16, 1 GPU, B=1, --gradient_checkpointing", "flux-dev", "lora16", 1, 1, 32, 768, True, True,
+     ""),
+    ("FLUX.1-dev, LoRA 64, 1 GPU, B=1, --gradient_checkpointing --use_8bit_adam", "flux-dev", "lora64-8bit", 1, 1,
+     32, 768, True, True, ""),
 ]
-LORA_RANK = 64
+LORA_RANKS = (16, 64)
 FIELDS = ("name", "backbone", "kind", "gpus", "batch", "accumulation", "resolution", "checkpointing",
           "head_checkpointing", "source")
 
@@ -303,7 +311,7 @@ FIELDS = ("name", "backbone", "kind", "gpus", "batch", "accumulation", "resoluti
 def counts_for(backbone: str) -> dit_memory.Counts:
     """Exact parameter counts (full-depth FLUX.1-dev on the meta device); the tiny test models from their modules."""
     if backbone in ("sd21", "flux-dev"):
-        return dit_memory.count(backbone, (LORA_RANK,))
+        return dit_memory.count(backbone, LORA_RANKS)
     from d3.heads import ProjectionHeads
 
     denoiser, vae, _ = build(backbone)
@@ -314,8 +322,8 @@ def counts_for(backbone: str) -> dit_memory.Counts:
         dit_memory.FSDP_WRAP["sd21"]
     return dit_memory.Counts(backbone, dit_memory.part_of(denoiser.model, "student"), heads,
                              dit_memory.part_of(vae, "vae"),
-                             {LORA_RANK: dit_memory.Part("lora", dit_memory.lora_tensors(
-                                 denoiser.model, denoiser.lora_targets, LORA_RANK))},
+                             {r: dit_memory.Part("lora", dit_memory.lora_tensors(
+                                 denoiser.model, denoiser.lora_targets, r)) for r in LORA_RANKS},
                              len(layers), wrap, dit_memory.fsdp_units(denoiser.model, wrap))
 
 
@@ -329,25 +337,36 @@ def _student(fits: dict, batch: int, side: int, flux: bool) -> float:
     return sum(part(label) for label in fits if label != "recompute peak")
 
 
+def static_key(kind: str, gpus: int) -> str:
+    """The benchmarks/dit_memory.py row of a recipe's kind."""
+    if kind == "full":
+        return "full-adamw"
+    if kind == "fsdp":
+        return f"fsdp{gpus}-adamw"
+    rank, _, bits = kind[4:].partition("-")
+    return f"lora{rank}-adamw{bits}"
+
+
 def estimate(coef: dict, counts: dit_memory.Counts, recipe: dict) -> dict:
     """Bytes per GPU of one recipe, by part (see the module docstring and docs/memory.md)."""
     b, side, ckpt = recipe["batch"], recipe["resolution"], recipe["checkpointing"]
     flux = "flux" in recipe["backbone"]
     mode = "checkpointed" if ckpt else "plain"
-    rows = {r["key"]: r for r in dit_memory.memory_rows(counts, recipe["gpus"], (LORA_RANK,))}
-    key = {"full": "full-adamw", "fsdp": f"fsdp{recipe['gpus']}-adamw", "lora": f"lora{LORA_RANK}-adamw"}
-    static = rows[key[recipe["kind"]]]["bytes"]
+    rows = {r["key"]: r for r in dit_memory.memory_rows(counts, recipe["gpus"], LORA_RANKS)}
+    kind = recipe["kind"]
+    row = rows[static_key(kind, recipe["gpus"])]
+    static = row["bytes"]
     out = {"weights, gradients, optimizer states": static["trained_weights"] + static["grads"]
            + static["optimizer_states"], "frozen weights (teacher, VAE)": static["frozen_weights"]}
     heads_params, student_params = counts.heads.params, counts.student.params
-    if recipe["kind"] == "fsdp":  # bf16 units gathered: the root (rest of the student + heads) + 2 blocks (prefetch)
+    if kind == "fsdp":  # bf16 units gathered: the root (rest of the student + heads) + 2 blocks (prefetch)
         units = sorted(counts.fsdp_units)
         root = student_params - sum(units) + heads_params
         out["FSDP gathered bf16 units"] = 2 * (root + sum(units[-2:]))
     else:  # autocast's bf16 copies of fp32 weights (the cache lives through the forward)
-        out["autocast bf16 weight copies"] = 2 * (heads_params + (student_params if recipe["kind"] == "full" else 0))
-    if recipe["gpus"] > 1 and recipe["kind"] != "fsdp":
-        out["DDP gradient buckets"] = 4 * rows[key[recipe["kind"]]]["trainable_params"]
+        out["autocast bf16 weight copies"] = 2 * (heads_params + (student_params if kind == "full" else 0))
+    if recipe["gpus"] > 1 and kind != "fsdp":
+        out["DDP gradient buckets"] = 4 * row["trainable_params"]
     out["activations: student"] = _student(coef[f"student_{mode}"], b, side, flux)
     per_layer = [b * N_T * px * side * side * coef["heads"][str(w)]["k"] for w, px in coef["layers"].values()]
     out["activations: heads"] = 0.0 if recipe["head_checkpointing"] else sum(per_layer)
@@ -440,12 +459,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--capacity", type=float, default=H100_BYTES, help="GPU bytes PyTorch can have (default: H100)")
     p.add_argument("--no_cuda_policy", action="store_true", help="keep CPU autocast's bf16 group/layer norms")
     p.add_argument("--num_threads", type=int, default=None)
-    p.add_argument("--coefficients", type=Path, default=None, help="reuse a previous --json's measurements")
+    p.add_argument("--coefficients", type=Path, nargs="+", default=[],
+                   help="reuse the measurements of earlier --json files (one backbone per process keeps RAM low)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    coefs = json.loads(args.coefficients.read_text())["coefficients"] if args.coefficients else {}
+    coefs = {}
+    for path in args.coefficients:
+        coefs.update(json.loads(path.read_text())["coefficients"])
     for backbone in args.backbones:
         if backbone not in coefs:
             head_tokens = (2, 4) if backbone.startswith("tiny") else (4, 8)

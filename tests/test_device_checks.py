@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "device_checks.sh"
 STEPS = ["tests", "train_b1", "infer_b1", "infer_b8", "train_b4", "train_b4_ckpt", "heads_flux", "mp_data",
          "ddp_bf16", "zero2"]
-SUMMARY = re.compile(r"^summary: (\S+) (ok|FAILED|skipped) (\d+)s$", re.M)
+SUMMARY = re.compile(r"^summary: (\S+) (ok|FAILED|skipped) (\d+)s(?: \(.*\))?$", re.M)
 
 
 def run(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:

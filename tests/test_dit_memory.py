@@ -211,9 +211,11 @@ def test_activation_memory_cli_on_the_tiny_backbones(tmp_path, capsys):
         assert r["fits_with_10pc"] == (r["total"] <= 0.9 * am.H100_BYTES)
         assert r["parts"]["activations: student"] > 0 and r["parts"]["activations: VAE decoder"] > 0
         assert (r["parts"]["activations: heads"] == 0) == r["head_checkpointing"]
-        kind = {"full": "full-adamw", "fsdp": f"fsdp{r['gpus']}-adamw", "lora": "lora64-adamw"}[r["kind"]]
-        static = {row["key"]: row for row in dm.memory_rows(am.counts_for(r["backbone"]), r["gpus"], (64,))}[kind]
-        assert r["parts"]["frozen weights (teacher, VAE)"] == static["bytes"]["frozen_weights"]
+        static = {row["key"]: row for row in dm.memory_rows(am.counts_for(r["backbone"]), r["gpus"], (16, 64))}
+        row = static[am.static_key(r["kind"], r["gpus"])]["bytes"]
+        assert r["parts"]["frozen weights (teacher, VAE)"] == row["frozen_weights"]
+        assert r["parts"]["weights, gradients, optimizer states"] == \
+            row["trained_weights"] + row["grads"] + row["optimizer_states"]
     by_name = {r["name"]: r for r in res["recipes"]}
     plain = by_name["SD 2.1, 8 GPUs DDP, B=4 (README multi-GPU)"]["parts"]
     ckpt = by_name["SD 2.1, 8 GPUs DDP, B=4, --gradient_checkpointing"]["parts"]
