@@ -65,7 +65,7 @@ fi
 MP=$OUT_DIR/multi
 STEPS=${STEPS:-4}  # optimizer steps of each launch check
 # step helpers (run by `step` in a fresh bash, see below)
-no_oom() { "$@" && ! grep -q '"OOM"' "${@: -1}"; }  # the benchmark ran and its JSON (last argument) has no OOM
+no_oom() { "$@" && [ -f "${@: -1}" ] && ! grep -q '"OOM"' "${@: -1}"; }  # ran, wrote its JSON (last arg), no OOM
 mp_data() {
   mkdir -p "$MP" && $PY -m d3.tiny --output "$MP/backbone" && $PY -m d3.data.synthetic --output "$MP/scenes" \
     --num_scenes 8 --height 64 --width 64 --tasks depth --quiet
