@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (compilation happens here)")
     p.add_argument("--iterations", type=int, default=3, help="timed steps per side and round")
     p.add_argument("--rounds", type=int, default=2, help="the sides alternate this many times (drift affects both)")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="ours: recompute student UNet and VAE "
-                   "decoder activations in the backward pass")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="ours: recompute student UNet, heads and "
+                   "VAE decoder activations in the backward pass")
     p.add_argument("--reference_gradient_checkpointing", action="store_true",
                    help="give the reference gradient checkpointing as well")
     p.add_argument("--channels_last", action="store_true")
@@ -142,12 +142,14 @@ class Bench:
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
 
     def checkpointing(self, on: bool) -> None:
-        student, vae = self.parts.model.student, self.parts.vae
+        student, vae, heads = self.parts.model.student, self.parts.vae, self.parts.model.heads
         if on:
             student.enable_gradient_checkpointing()
+            heads.enable_gradient_checkpointing()
             vae.enable_gradient_checkpointing()
         elif student.is_gradient_checkpointing or vae.is_gradient_checkpointing:
             student.disable_gradient_checkpointing()
+            heads.disable_gradient_checkpointing()
             vae.disable_gradient_checkpointing()
 
     def forward_backward(self, step_fn) -> None:

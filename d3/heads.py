@@ -157,18 +157,34 @@ class ProjectionHeads(nn.Module):
                 nn.init.zeros_(linear.bias)
                 adapters[self.keys[layer]] = linear
         self.adapters = nn.ModuleDict(adapters)
+        # `d3.objective.alignment_loss` recomputes each layer's head and cosine in the backward pass when this is on
+        # (`--gradient_checkpointing`); the heads' own forward is unchanged.
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
 
     def condition(self, t: torch.Tensor) -> torch.Tensor:
         """The time condition c (N, 256) of expert timesteps t (N,) on the 0-999 scale."""
         x = (t.to(self.time_in_proj.weight.dtype) / MAX_TIMESTEP)[:, None]
         return self.mapping(self.time_in_proj(self.time_emb(x)))
 
+    def time_condition(self, t: torch.Tensor) -> torch.Tensor | None:
+        """What `project` needs besides the tokens: c for ``cleandift``, None for the unconditioned variants."""
+        return self.condition(t) if self.head_type == "cleandift" else None
+
+    def project(self, layer: str, tokens: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """One layer's head on tokens (N, L, C) given `time_condition(t)`."""
+        if self.head_type == "none":
+            return tokens
+        head = self.adapters[self.keys[layer]]
+        return head(tokens, c) if c is not None else head(tokens)
+
     def forward(self, features: dict[str, torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.head_type == "none":
             return dict(features)
-        c = self.condition(t) if self.head_type == "cleandift" else None
-        out = {}
-        for layer, tokens in features.items():
-            head = self.adapters[self.keys[layer]]
-            out[layer] = head(tokens, c) if c is not None else head(tokens)
-        return out
+        c = self.time_condition(t)
+        return {layer: self.project(layer, tokens, c) for layer, tokens in features.items()}

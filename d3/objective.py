@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .denoisers import Denoiser, as_denoiser
 from .features import FeatureCapture
@@ -72,19 +73,29 @@ def alignment_loss(
     expert: dict[str, torch.Tensor],
     timesteps: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_agg and its per-layer terms. Student features (B, C, H, W) are broadcast over the N_T timesteps."""
+    """L_agg and its per-layer terms. Student features (B, C, H, W) are broadcast over the N_T timesteps.
+
+    With `heads.gradient_checkpointing` (`--gradient_checkpointing`) each layer's broadcast, head and cosine run
+    under non-reentrant activation checkpointing: nothing of them is kept for backward, where they are recomputed
+    one layer at a time (same loss and gradients; the heads' activations are B·N_T·tokens·C-sized per layer).
+    """
     b, n = timesteps.shape
-    t = timesteps.reshape(-1)
-    student_tokens = {}
-    for layer, feat in student_features.items():
+    c = heads.time_condition(timesteps.reshape(-1))
+
+    def layer_term(layer: str, feat: torch.Tensor, target: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         tok = tokens(feat)
-        student_tokens[layer] = tok.unsqueeze(1).expand(b, n, *tok.shape[1:]).reshape(b * n, *tok.shape[1:])
-    projected = heads(student_tokens, t)
+        tok = tok.unsqueeze(1).expand(b, n, *tok.shape[1:]).reshape(b * n, *tok.shape[1:])
+        pred = heads.project(layer, tok, c)
+        target = tokens(target).to(pred.dtype)
+        return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+
+    recompute = heads.gradient_checkpointing and torch.is_grad_enabled()
     per_layer = {}
-    for layer, pred in projected.items():
-        target = tokens(expert[layer]).to(pred.dtype)
-        cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)
-        per_layer[layer] = 1.0 - cos.mean()
+    for layer, feat in student_features.items():
+        if recompute:
+            per_layer[layer] = checkpoint(layer_term, layer, feat, expert[layer], c, use_reentrant=False)
+        else:
+            per_layer[layer] = layer_term(layer, feat, expert[layer], c)
     total = torch.stack(list(per_layer.values())).sum()
     return total, per_layer
 

@@ -119,7 +119,8 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--max_nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
     # speed and memory (README, "Performance"); none of these changes the step's mathematics
     a("--gradient_checkpointing", action="store_true",
-      help="recompute the student UNet's and the VAE decoder's activations in the backward pass (less memory)")
+      help="recompute the student's, the projection heads' and the VAE decoder's activations in the backward "
+      "pass (less memory)")
     a("--channels_last", action="store_true", help="NHWC memory format for the UNets and the VAE")
     a("--compile", action="store_true", help="torch.compile student, teacher and VAE (one graph per resolution)")
     a("--allow_tf32", action="store_true", help="TF32 for the fp32 matmuls and convolutions (Ampere and newer)")

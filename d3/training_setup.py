@@ -47,11 +47,13 @@ def apply_speed_flags(model: D3Model, teacher: torch.nn.Module, vae, *, gradient
     """Engine settings that keep the step's mathematics (the equivalence tests run with them).
 
     Checkpointing trades ~30% more student/decoder compute for activations kept only at block boundaries (the
-    encoder runs under no_grad, so only the decoder is affected). Compilation is shape-specialised (dynamic=False):
+    encoder runs under no_grad, so only the decoder is affected); the projection heads recompute each layer's head
+    and cosine in the backward pass. Compilation is shape-specialised (dynamic=False):
     training has one resolution, so there is one graph per module and batch shape; hooks are registered before.
     """
     if gradient_checkpointing:
         model.student.enable_gradient_checkpointing()
+        model.heads.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     if channels_last:
         for module in (model.student, teacher, vae):

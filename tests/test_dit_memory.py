@@ -145,3 +145,80 @@ def test_cli_writes_rows(tmp_path, capsys):
     assert not rows["full-adamw"]["fits_with_headroom"]  # 16 B/param x 11.9B does not fit one GPU
     assert rows["lora8-adamw"]["bytes"]["total"] < rows["lora32-adamw"]["bytes"]["total"]
     assert "not measured" in printed and "GB = 1e9 bytes" in printed
+
+
+# ------------------------------------------------------------------ benchmarks/activation_memory.py (issue 19)
+def test_retained_counts_saved_activations_not_weights():
+    """Linear -> ReLU -> Linear in fp32: autograd keeps the input (first Linear) and the ReLU output (saved by the
+    ReLU and the second Linear: one storage), never the weights: 4 B x N x (8 + 16)."""
+    from torch import nn
+
+    from benchmarks.activation_memory import Retained
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    for n in (3, 10):
+        meter = Retained(model)
+        x = torch.randn(n, 8, requires_grad=True)
+        with meter.hooks():
+            model(x).sum()
+        assert sum(b for b, _ in meter.storages.values()) == 4 * n * (8 + 16)
+
+
+def test_retained_checkpoint_keeps_the_inputs_and_records_the_recompute_peak():
+    from torch import nn
+
+    from benchmarks.activation_memory import Retained
+
+    block = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    x = torch.randn(5, 8, requires_grad=True)
+    meter = Retained(block)
+    with meter.hooks():
+        y = meter.checkpoint(block, x)
+    # kept: only the segment's input; recomputed in backward: what the plain block saves (input + ReLU output)
+    assert sum(b for b, _ in meter.storages.values()) == 4 * 5 * 8
+    assert meter.recompute_peak == 4 * 5 * (8 + 16)
+    y.sum().backward()  # and it is a real checkpoint: gradients flow
+    plain = x.detach().clone().requires_grad_()
+    block(plain).sum().backward()
+    torch.testing.assert_close(x.grad, plain.grad)
+
+
+def test_fit_recovers_batch_and_pixel_terms():
+    from benchmarks.activation_memory import at, fit
+
+    w, a, b = 1000.0, 70.0, 3.0
+    points = {(bs, s): w + bs * (a + b * s * s) for bs, s in ((1, 32), (1, 64), (2, 32))}
+    f = fit(points)
+    assert f == pytest.approx({"W": w, "a": a, "b": b})
+    assert at(f, 4, 768) == pytest.approx(w + 4 * (a + b * 768 * 768))
+
+
+def test_activation_memory_cli_on_the_tiny_backbones(tmp_path, capsys):
+    """The CI-size run: every recipe gets every part, a total that is their sum and a verdict against the capacity;
+    the static part is dit_memory's; head checkpointing leaves no head activations."""
+    from benchmarks import activation_memory as am
+
+    out = tmp_path / "act.json"
+    res = am.main(["--backbones", "tiny", "tiny-flux", "--sizes", "32", "64", "--resolutions", "64",
+                   "--num_threads", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["recipes"]] == [r[0] for r in am.RECIPES]
+    assert set(data["coefficients"]) == {"tiny", "tiny-flux"}
+    for r in res["recipes"]:
+        assert r["total"] == pytest.approx(sum(r["parts"].values()))
+        assert r["name"] in printed and r["verdict"] in printed
+        assert r["fits_with_10pc"] == (r["total"] <= 0.9 * am.H100_BYTES)
+        assert r["parts"]["activations: student"] > 0 and r["parts"]["activations: VAE decoder"] > 0
+        assert (r["parts"]["activations: heads"] == 0) == r["head_checkpointing"]
+        static = {row["key"]: row for row in dm.memory_rows(am.counts_for(r["backbone"]), r["gpus"], (16, 64))}
+        row = static[am.static_key(r["kind"], r["gpus"])]["bytes"]
+        assert r["parts"]["frozen weights (teacher, VAE)"] == row["frozen_weights"]
+        assert r["parts"]["weights, gradients, optimizer states"] == \
+            row["trained_weights"] + row["grads"] + row["optimizer_states"]
+    by_name = {r["name"]: r for r in res["recipes"]}
+    plain = by_name["SD 2.1, 8 GPUs DDP, B=4 (README multi-GPU)"]["parts"]
+    ckpt = by_name["SD 2.1, 8 GPUs DDP, B=4, --gradient_checkpointing"]["parts"]
+    assert ckpt["activations: student"] < plain["activations: student"]
+    assert ckpt["activations: VAE decoder"] < plain["activations: VAE decoder"]
+    assert plain["activations: heads"] > 0 and ckpt["activations: heads"] == 0
