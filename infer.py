@@ -8,7 +8,7 @@
 Several processes (torchrun, or accelerate launch --multi_gpu --num_processes N) split the sorted files: process r of N takes
 files r, r+N, r+2N, ...; the outputs are those of one process, and one summary line counts them all.
 
-Outputs mirror the input folder structure (file names per task: see d3/outputs.py or the README). A file that
+Outputs mirror the input folder structure (file names per task: see d3/outputs.py or docs/inference.md). A file that
 cannot be read is reported with its reason; the others are still processed, and the exit status is non-zero.
 Every flag is checked (and the images found) before the model loads: a bad one stops the run at once with one line.
 """

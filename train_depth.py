@@ -12,7 +12,7 @@ The recipe, top to bottom: the prompt, the datasets and their mixing, how depth 
 terms and their weights. Everything generic (the D³ step, the loop, checkpoints) is in `d3/`: the loop in
 `d3/training.py`, the parts it calls in `d3/training_setup.py`, `d3/training_data.py` and `d3/training_checkpoints.py`.
 
-Watching it learn (README, "Watching a run"), as Marigold's trainer validates (every 500 iterations, first 100 of NYUv2
+Watching it learn (docs/training.md, "Watching a run"), as Marigold's trainer validates (every 500 iterations, first 100 of NYUv2
 and of KITTI; its third set, Hypersim val, has no evaluate.py reader): `--validation_dataset
 nyu=DATA:100 --validation_dataset kitti=DATA:100` (DATA: evaluate.py's --data-root; best/ by NYUv2's AbsRel).
 """

@@ -8,11 +8,11 @@ Without --dataset it trains on the paper's source under the data root (--data_di
 
 `--dataset` takes P3M-10k's training folder (blurred_image/ + mask/), our plain folders (rgb/ + alpha/) or any folder
 of image/mask pairs (images/ + masks/, paired by file stem; masks 8- or 16-bit greyscale, 255 / 65535 = foreground).
-For the paper's few-shot domain tasks pass the task's own --prompt (README, "Few-shot segmentation"). The recipe,
+For the paper's few-shot domain tasks pass the task's own --prompt (docs/training.md, "Few-shot segmentation"). The recipe,
 top to bottom: the prompt, the mixing, the target, the loss terms and their weights. The rest is in `d3/training.py`
 (the loop) and the `d3/training_*.py` modules it calls.
 
-Watching it learn (README, "Watching a run"): `--validation_dataset p3m=DATA/P3M-10k/validation/P3M-500-NP:100` every
+Watching it learn (docs/training.md, "Watching a run"): `--validation_dataset p3m=DATA/P3M-10k/validation/P3M-500-NP:100` every
 500 updates (best/ by SAD); a few-shot mask task: `--validation_dataset folder=MY_TASK_VAL` (best/ by IoU).
 """
 

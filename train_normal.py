@@ -11,7 +11,7 @@ folder (rgb/ + normal/<stem>.h5; files named sintel* are its Sintel source). The
 the mixing, how normals become a target image, the loss terms and their weights. The rest is in `d3/training.py`
 (the loop) and the `d3/training_*.py` modules it calls.
 
-Watching it learn (README, "Watching a run"): `--validation_dataset nyu_normal=DATA:100 --validation_dataset
+Watching it learn (docs/training.md, "Watching a run"): `--validation_dataset nyu_normal=DATA:100 --validation_dataset
 scannet_normal=DATA:100` every 500 updates (best/ by NYUv2's mean angular error).
 """
 

@@ -1,1 +1,1 @@
-"""Speed and memory measurements (not tests): train_step.py and inference.py; see the README, "Performance"."""
+"""Speed and memory measurements (not tests): train_step.py and inference.py; see docs/performance.md."""

@@ -1,6 +1,6 @@
 """The d3 checkpoint folder: its format, its strict loader, and the tasks and prompts it knows.
 
-Checkpoint folder (README, "Checkpoint format")::
+Checkpoint folder (docs/inference.md, "Checkpoint format")::
 
     d3_config.json             task, student timestep, prompt, processing resolution, resize mode, base model, version
     unet/                      diffusers UNet2DConditionModel (safetensors)

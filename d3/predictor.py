@@ -1,7 +1,7 @@
 """The trained model for inference: the one-step, deterministic predictor.
 
 `D3Predictor` holds the student, the VAE and the fixed prompt conditioning of a checkpoint folder (`d3.checkpoint`,
-README "Checkpoint format"): one denoiser evaluation per image, clean latent in, task latent out, decoded by the VAE,
+docs/inference.md, "Checkpoint format"): one denoiser evaluation per image, clean latent in, task latent out, decoded by the VAE,
 with the pre- and post-processing that infer.py, evaluate.py and D3Pipeline share.
 """
 
@@ -120,7 +120,7 @@ class D3Predictor:
         return height, width
 
     def _finish(self, decoded: torch.Tensor) -> torch.Tensor:
-        """Decoded (3,H,W) in [-1,1] -> the task's map (README, "Inference": the table of files per task), on the
+        """Decoded (3,H,W) in [-1,1] -> the task's map (docs/inference.md: the table of files per task), on the
         decoded tensor's device (so a pipeline can copy it back asynchronously)."""
         if self.task == "normal":
             return F.normalize(decoded.clamp(-1, 1), dim=0).permute(1, 2, 0)
@@ -175,7 +175,7 @@ class D3Predictor:
         show_progress: bool = False,
         resize_mode: str | None = None,
     ) -> list[np.ndarray]:
-        """Predict for each uint8 (H,W,3) image; outputs at each input's exact size (see the README's contract)."""
+        """Predict for each uint8 (H,W,3) image; outputs at each input's exact size (see docs/inference.md)."""
         from tqdm.auto import tqdm
 
         res = self.config.processing_res if processing_res is None else processing_res

@@ -117,7 +117,7 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--on_bad_sample", default="skip", choices=["skip", "error"],
       help="an unreadable sample is skipped and counted, or stops the run")
     a("--max_nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
-    # speed and memory (README, "Performance"); none of these changes the step's mathematics
+    # speed and memory (docs/performance.md); none of these changes the step's mathematics
     a("--gradient_checkpointing", action="store_true",
       help="recompute the student's, the projection heads' and the VAE decoder's activations in the backward "
       "pass (less memory)")
@@ -125,7 +125,7 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--compile", action="store_true", help="torch.compile student, teacher and VAE (one graph per resolution)")
     a("--allow_tf32", action="store_true", help="TF32 for the fp32 matmuls and convolutions (Ampere and newer)")
     a("--no_fused_adam", action="store_true", help="the foreach AdamW instead of the fused one (CUDA and CPU)")
-    # memory for large backbones (FLUX.1-dev: README, "DiT backbones")
+    # memory for large backbones (FLUX.1-dev: docs/training.md, "DiT backbones"; docs/memory.md)
     a("--lora_rank", type=int, default=0,
       help="train LoRA adapters of this rank on the frozen student (0: full fine-tuning); the teacher then shares "
            "the student's frozen weights instead of holding a copy")
@@ -207,7 +207,7 @@ def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
         args.dataset = data_root_sources(args.data_dir, recipe)
     specs = args.dataset or recipe.default_datasets
     if not specs:
-        raise FlagError("--dataset: no training data; pass --dataset PATH[:PROB] (see README, 'Training data')")
+        raise FlagError("--dataset: no training data; pass --dataset PATH[:PROB] (see docs/data.md)")
     given = []
     for spec in specs:
         path, prob = parse_dataset_spec(spec)

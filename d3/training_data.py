@@ -98,7 +98,7 @@ def build_training_data(args, recipe: TaskRecipe, num_processes: int = 1, proces
     batches of `train_batch_size × num_processes` and hands this process its slice (`RankSlice`)."""
     specs = args.dataset or recipe.default_datasets
     if not specs:
-        raise SystemExit("error: no training data; pass --dataset PATH[:PROB] (see README, 'Training data')")
+        raise SystemExit("error: no training data; pass --dataset PATH[:PROB] (see docs/data.md)")
     sources, given = [], []
     for spec in specs:
         path, prob = parse_dataset_spec(spec)

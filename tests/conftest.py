@@ -24,7 +24,7 @@ def _threads_for_tests() -> int:
     """CPU threads per test process: D3_TEST_THREADS, else 1.
 
     The suite's models are tiny, and its machines are shared: with several threads per process, on two cores that
-    other jobs also use, the threads wait on each other and the suite took 3-5x longer (README, "Tests"). One thread
+    other jobs also use, the threads wait on each other and the suite took 3-5x longer (docs/testing.md). One thread
     keeps its time close to the idle time. D3_TEST_THREADS=2 suits an idle machine."""
     value = os.environ.get("D3_TEST_THREADS", "1")
     try:

@@ -86,7 +86,7 @@ def test_readme_quickstart_learns_depth(tmp_path, one_thread):
     infer_argv = _localise(next(c for c in commands if c[1] == "infer.py"), tmp_path)
     maps = sorted(Path(infer_argv[infer_argv.index("--output") + 1]).rglob("*_depth_colored.png"))
     assert len(maps) == 16, maps
-    # it validates on the held-out scenes while it trains (README, "Watching a run"): AbsRel falls in the log, the
+    # it validates on the held-out scenes while it trains (docs/training.md, "Watching a run"): AbsRel falls in the log, the
     # pictures are under OUTPUT/validation/, and the last validation is the trained model's evaluate.py number
     train_argv = _localise(next(c for c in commands if "train_depth.py" in c and "--validation_dataset" in c), tmp_path)
     run = Path(train_argv[train_argv.index("--output_dir") + 1])
