@@ -105,6 +105,11 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--on_bad_sample", default="skip", choices=["skip", "error"],
       help="an unreadable sample is skipped and counted, or stops the run")
     a("--max_nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
+    # several processes (DDP, FSDP, DeepSpeed)
+    a("--ddp_timeout", type=int, default=7200, metavar="SECONDS",
+      help="how long a process waits in a collective (all-reduce, barrier) before the job fails; it must cover the "
+           "longest time one process works alone while the others wait: rank 0 gathering and writing an export "
+           "(FLUX.1-dev: ~48 GB), a first compilation. A real hang still ends the job after this long")
     # speed and memory (README, "Performance"); none of these changes the step's mathematics
     a("--gradient_checkpointing", action="store_true",
       help="recompute the student UNet's and the VAE decoder's activations in the backward pass (less memory)")
@@ -144,7 +149,8 @@ def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
     flags.at_least("--resolution", args.resolution, 8)
     flags.multiple_of("--resolution", args.resolution, 8)
     for flag in ("--train_batch_size", "--gradient_accumulation_steps", "--checkpointing_steps",
-                 "--checkpoints_total_limit", "--max_train_samples", "--num_timesteps", "--max_nonfinite"):
+                 "--checkpoints_total_limit", "--max_train_samples", "--num_timesteps", "--max_nonfinite",
+                 "--ddp_timeout"):
         flags.at_least(flag, getattr(args, flag[2:]), 1)
     # --max_train_steps 0 exports the untrained model (the quick start's baseline)
     for flag in ("--max_train_steps", "--lr_warmup_steps", "--dataloader_num_workers", "--lora_rank", "--adam_weight_decay",
