@@ -78,7 +78,7 @@ def stand_in_objective(objective: Objective) -> Objective:
 
 
 def run_micro_batch(accelerator, model, unwrapped, parts, objective: Objective, batch: dict | None, bad: int, args,
-               recipe: TaskRecipe, generator: torch.Generator) -> tuple[StepOutput | None, Agreement]:
+                    recipe: TaskRecipe, generator: torch.Generator) -> tuple[StepOutput | None, Agreement]:
     """One micro-batch: forward, the processes' agreement, and backward when every loss is finite. `parts` is
     (teacher, vae, prompt_embeds). Returns the step's output without its graph (None for a single process without
     data) and the agreement.
@@ -98,7 +98,8 @@ def run_micro_batch(accelerator, model, unwrapped, parts, objective: Objective, 
     b = batch["rgb"].shape[0]
     # Each sample's randomness comes from (seed, step, its place in the global batch), never from the rank: every
     # process draws the global batch's values and keeps its own rows.
-    rows = slice(accelerator.process_index * args.train_batch_size, accelerator.process_index * args.train_batch_size + b)
+    start = accelerator.process_index * args.train_batch_size
+    rows = slice(start, start + b)
     if has_data:
         batch = random_hflip(batch, generator, args.hflip_prob, recipe.flip_target, global_size, rows)
     t = unwrapped.denoiser.sample_timesteps(global_size, args.num_timesteps, generator=generator)

@@ -28,9 +28,11 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock  # noqa: E402
+from diffusers.models.transformers.transformer_flux import (FluxSingleTransformerBlock,  # noqa: E402
+                                                            FluxTransformerBlock)
 from safetensors.torch import save_file  # noqa: E402
-from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, ShardingStrategy, StateDictType  # noqa: E402
+from torch.distributed.fsdp import (FullStateDictConfig, FullyShardedDataParallel, ShardingStrategy,  # noqa: E402
+                                    StateDictType)
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy  # noqa: E402
 
 import train_depth  # noqa: E402

@@ -153,7 +153,8 @@ def test_fsdp_step_with_accumulation_logs_and_exports_like_one_process(tiny_flux
     exported = load_file(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
     student = {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
     assert exported.keys() == student.keys() and all(torch.equal(exported[k], student[k]) for k in student)
-    assert D3Predictor.from_pretrained(out / "export", device="cpu").config.student_timestep == config["student_timestep"]
+    predictor = D3Predictor.from_pretrained(out / "export", device="cpu")
+    assert predictor.config.student_timestep == config["student_timestep"]
 
 
 def test_fsdp_launches_accumulate_with_a_gradient_reduction_per_micro_batch(tmp_path, monkeypatch):
@@ -180,7 +181,7 @@ def test_ddp_timeout_flag_defaults_to_two_hours():
     assert "--ddp_timeout SECONDS" in text and "(default: 7200)" in text
 
 
-# ------------------------------------------------------------------------------------------------ unreadable micro-batch
+# ------------------------------------------------------------------------------------------- unreadable micro-batch
 def test_a_process_whose_whole_micro_batch_is_unreadable_keeps_in_step(tiny_backbone_dir, scenes, tmp_path):
     """2 processes of 1 image; at micro-step 2 process 1's only sample is unreadable. The run finishes, counts the
     sample (in every process's counter, so in the checkpoint and the logs rank 0 writes), and ends where one process
@@ -189,10 +190,10 @@ def test_a_process_whose_whole_micro_batch_is_unreadable_keeps_in_step(tiny_back
     data = Path(shutil.copytree(scenes, tmp_path / "data"))
     two, one = tmp_path / "two", tmp_path / "one"
     args = flags(tiny_backbone_dir, data, two, 1, 1, 4)
-    sampler = build_training_data(build_parser(train_depth.RECIPE).parse_args(args), train_depth.RECIPE, 2, 1)[3]
+    parsed = build_parser(train_depth.RECIPE).parse_args(args)
+    _, _, dataset, sampler = build_training_data(parsed, train_depth.RECIPE, num_processes=2, process_index=1)
     sampler.set_epoch(0)
     (index,) = list(sampler)[1]  # process 1's sample in micro-step 2
-    dataset = build_training_data(build_parser(train_depth.RECIPE).parse_args(args), train_depth.RECIPE)[2]
     rgb = Path(dataset[index]["path"])
     rgb.write_bytes(rgb.read_bytes()[:120])  # truncated: unreadable
 
