@@ -36,7 +36,7 @@ from benchmarks.common import DEFAULT_CACHE, default_resolution, ensure_backbone
 PAPER_SETS = 100 + 100 + 80  # Marigold's trainer: NYUv2 100, KITTI 100, Hypersim val 80
 PAPER_PICTURES = 3 * 4
 PAPER_PERIOD = 500
-RECIPE_IMAGES = 4 * 8  # the recipes' default update per process: --train_batch_size 4, --gradient_accumulation_steps 8
+RECIPE_IMAGES = 2 * 16  # the recipes' default update per process: --train_batch_size 2, --gradient_accumulation_steps 16
 
 
 def recipe_share(per_image: float, train_s_per_image: float) -> float:

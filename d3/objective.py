@@ -105,6 +105,7 @@ class AlignmentOutput:
     prediction: torch.Tensor  # the student's output latent (B, 4, h, w): the task's prediction in latent space
     loss: torch.Tensor  # L_agg
     per_layer: dict[str, torch.Tensor]
+    timestep: torch.Tensor | None = None  # the student timestep this forward used (0-dim, detached)
 
 
 class D3Model(nn.Module):
@@ -131,12 +132,26 @@ class D3Model(nn.Module):
         self.layers = list(layers)
         if student_timestep is None:
             student_timestep = self.denoiser.default_student_timestep
-        self.student_timestep = nn.Parameter(torch.tensor(float(student_timestep)), requires_grad=learn_timestep)
+        # Shape (1,), not a 0-dim scalar: FSDP1 refuses to shard scalar parameters. `timestep` is the scalar view.
+        self.student_timestep = nn.Parameter(torch.tensor([float(student_timestep)]), requires_grad=learn_timestep)
         self.capture = self.denoiser.feature_capture(self.layers)
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        """The learned timestep as a 0-dim tensor (in the graph). Under FSDP the parameter is a view of this process's
+        shard outside forward and backward (empty on every process but one), so read it inside `forward` only."""
+        return self.student_timestep.reshape(())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the timestep became shape (1,) hold it as a 0-dim tensor: accept those.
+        key = prefix + "student_timestep"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def predict(self, latents: torch.Tensor, prompt_embeds: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         """The one-step prediction: clean latent in, task latent out (inference uses exactly this)."""
-        return self.denoiser(latents, self.student_timestep, prompt_embeds)
+        return self.denoiser(latents, self.timestep, prompt_embeds)
 
     def forward(
         self,
@@ -147,7 +162,8 @@ class D3Model(nn.Module):
     ) -> AlignmentOutput:
         prediction = self.predict(latents, prompt_embeds)
         loss, per_layer = alignment_loss(self.heads, self.capture.pop(), expert, timesteps)
-        return AlignmentOutput(prediction, loss, per_layer)
+        # a copy: under FSDP the parameter's full storage is freed after forward
+        return AlignmentOutput(prediction, loss, per_layer, self.timestep.detach().clone())
 
 
 def layer_channels(model: nn.Module | Denoiser, layers: list[str]) -> dict[str, int]:
@@ -187,7 +203,15 @@ class StepOutput:
     align: torch.Tensor
     task_terms: dict[str, torch.Tensor]
     per_layer: dict[str, torch.Tensor]
-    prediction: torch.Tensor  # decoded (B, 3, H, W)
+    prediction: torch.Tensor | None  # decoded (B, 3, H, W); None once `detach`ed
+    timestep: torch.Tensor | None = None  # the student timestep the step used (0-dim, detached): every process has it
+
+    def detach(self) -> StepOutput:
+        """The step's values without its autograd graph or its decoded prediction. Whatever keeps a `StepOutput`
+        past its backward (or past a skipped backward) should keep this instead: the graph holds every activation
+        saved for backward, which would otherwise stay alive through the next step's forward."""
+        return StepOutput(self.loss.detach(), self.align.detach(), {k: v.detach() for k, v in self.task_terms.items()},
+                          {k: v.detach() for k, v in self.per_layer.items()}, None, self.timestep)
 
 
 def d3_step(
@@ -209,4 +233,4 @@ def d3_step(
     out = model(latents, prompt_embeds, expert, timesteps)
     prediction = decode_latent(vae, out.prediction)
     terms = objective.task_loss(prediction, batch)
-    return StepOutput(objective.total(out.loss, terms), out.loss, terms, out.per_layer, prediction)
+    return StepOutput(objective.total(out.loss, terms), out.loss, terms, out.per_layer, prediction, out.timestep)

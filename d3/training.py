@@ -39,25 +39,101 @@ class TrainResult:
     history: list[dict]  # the logged values of every optimizer step of this process (losses, lr, timestep)
 
 
-def all_finite(accelerator, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (one process skipping backward alone would hang the others)."""
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
+@dataclass
+class Agreement:
+    """What every process knows alike after a micro-batch's forward (`agree`)."""
+
+    finite: bool  # the loss is finite on every process
+    with_data: int  # processes whose micro-batch held at least one readable sample
+    bad: int  # unreadable samples over all processes
+
+
+def agree(accelerator, loss: torch.Tensor | None, has_data: bool, bad: int) -> Agreement:
+    """One gather after the forward, so that every process takes the same branch: a process that skipped backward,
+    or a collective, alone would leave the others waiting in one it never joins (DDP's gradient all-reduce, FSDP's
+    reduce-scatter, the gather here, the logging reduce). `loss` is None only for a single process without data."""
+    if loss is None:
+        return Agreement(True, 0, bad)
+    local = torch.cat([torch.isfinite(loss.detach()).float().reshape(1),
+                       torch.tensor([float(has_data), float(bad)], device=loss.device)])
     if accelerator.num_processes > 1:
-        finite = accelerator.gather(finite)
-    return bool(finite.min() > 0)
+        local = accelerator.gather(local).reshape(-1, 3)
+    finite, with_data, bad_total = local.reshape(-1, 3).T.tolist()
+    return Agreement(min(finite) > 0, int(sum(with_data)), int(sum(bad_total)))
 
 
-def step_logs(accelerator, out: StepOutput, lr: float, student_timestep: float, counters: dict,
+def stand_in_batch(batch_size: int, resolution: int, device: torch.device) -> dict:
+    """What a process runs when every sample of its micro-batch was unreadable while others have data: a black
+    image of a full micro-batch's shape (the compiled graphs see no new shape), under `stand_in_objective`."""
+    return {"rgb": torch.zeros(batch_size, 3, resolution, resolution, device=device)}
+
+
+def stand_in_objective(objective: Objective) -> Objective:
+    """The objective of a stand-in batch: zero-weighted, yet every trainable parameter is in its graph (the prediction
+    reaches the student's last layer, the alignment term its hooked layers, heads and timestep), so DDP's reducer
+    gets each gradient it waits for (all zeros). Its terms carry the task's names: the logging reduce needs the same
+    values on every process."""
+    return Objective(lambda prediction, batch: {k: prediction.float().mean() for k in objective.weights},
+                     dict.fromkeys(objective.weights, 0.0), lambda_task=1.0, lambda_align=0.0)
+
+
+def run_micro_batch(accelerator, model, unwrapped, parts, objective: Objective, batch: dict | None, bad: int, args,
+                    recipe: TaskRecipe, generator: torch.Generator,
+                    weight_dtype: torch.dtype = torch.float32) -> tuple[StepOutput | None, Agreement]:
+    """One micro-batch: forward, the processes' agreement, and backward when every loss is finite. `parts` is
+    (teacher, vae, prompt_embeds). Returns the step's output without its graph (None for a single process without
+    data) and the agreement.
+
+    A process whose micro-batch held no readable sample (`batch` None) still runs forward and backward on a
+    zero-weighted stand-in while other processes have data, and the losses of those that have data are scaled by
+    processes / processes with data, so that the update averages over the processes with data as it would without
+    the empty one. A single process without data skips the micro-batch."""
+    experts, vae, prompt_embeds = parts
+    n = accelerator.num_processes
+    if batch is None and n == 1:
+        return None, agree(accelerator, None, False, bad)
+    global_size = args.train_batch_size * n  # images per micro-step over all processes
+    has_data = batch is not None
+    batch = batch_to(batch, accelerator.device) if has_data else stand_in_batch(
+        args.train_batch_size, args.resolution, accelerator.device)
+    b = batch["rgb"].shape[0]
+    # Each sample's randomness comes from (seed, step, its place in the global batch), never from the rank: every
+    # process draws the global batch's values and keeps its own rows.
+    start = accelerator.process_index * args.train_batch_size
+    rows = slice(start, start + b)
+    if has_data:
+        batch = random_hflip(batch, generator, args.hflip_prob, recipe.flip_target, global_size, rows)
+    t = unwrapped.denoiser.sample_timesteps(global_size, args.num_timesteps, generator=generator)
+    t = t[rows].to(accelerator.device)
+    latent_shape = (global_size, args.num_timesteps, unwrapped.denoiser.latent_channels,
+                    args.resolution // vae_scale_factor(vae), args.resolution // vae_scale_factor(vae))
+    noise = torch.randn(latent_shape, generator=generator)[rows].to(accelerator.device)
+    with step_autocast(accelerator, weight_dtype):  # accelerate's autocast, or d3's own under DeepSpeed
+        out = d3_step(model, experts, vae, prompt_embeds, objective if has_data else stand_in_objective(objective),
+                       batch, t, noise)
+    decision = agree(accelerator, out.loss, has_data, bad)
+    if decision.finite:  # every process agrees, so none waits in backward alone
+        scale = n / decision.with_data if has_data and decision.with_data < n else None
+        accelerator.backward(out.loss if scale is None else out.loss * scale)
+    return out.detach(), decision  # the graph goes now, not when the next step's forward replaces `out`
+
+
+def step_logs(accelerator, out: StepOutput, has_data: bool, with_data: int, lr: float, counters: dict,
               shares: dict) -> dict:
-    """What one optimizer step logs: its losses (the global batch's mean, as one process would log it), the learning
-    rate, the student's timestep, the run's counters and `shares` (mix/<source>: its share of the batches so far)."""
+    """What one optimizer step logs: its losses (the mean over the processes that had data, as one process would
+    log it), the learning rate, the student's timestep (the one this step's forward used: every process has it, even
+    where FSDP shards the parameter), the run's counters and `shares` (mix/<source>: its share of the batches so
+    far). A collective when several processes run: every process calls it."""
     losses = {"loss": out.loss, "loss/align": out.align, **{f"loss/{k}": v for k, v in out.task_terms.items()},
               **{f"align/{k}": v for k, v in out.per_layer.items()}}
     values = torch.stack([v.detach().float() for v in losses.values()])
     if accelerator.num_processes > 1:
-        values = accelerator.reduce(values, reduction="mean")
-    logs = dict(zip(losses, values.tolist()))
-    logs.update({"lr": lr, "student_timestep": student_timestep})
+        if not has_data:  # a stand-in's losses are not the run's
+            values = torch.zeros_like(values)
+        values = accelerator.reduce(values, reduction="sum") / with_data
+    values = torch.cat([values, out.timestep.detach().float().reshape(1).to(values.device)]).tolist()
+    logs = dict(zip(losses, values[:-1]))
+    logs.update({"lr": lr, "student_timestep": values[-1]})
     logs.update({k: v for k, v in counters.items() if k != "nonfinite_in_row"})
     logs.update(shares)
     return logs
@@ -103,7 +179,6 @@ def train(args: argparse.Namespace, recipe: TaskRecipe, make_validation=None) ->
                         s.name, len(s), p, share, s.root)
 
     batches_per_epoch = len(sampler)
-    global_size = args.train_batch_size * accelerator.num_processes  # images per micro-step over all processes
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
@@ -111,7 +186,7 @@ def train(args: argparse.Namespace, recipe: TaskRecipe, make_validation=None) ->
     if resumed is not None:  # the logged totals go on across a resume
         counters.update({k: int(v) for k, v in resumed.items() if k in counters})
     history: list[dict] = []
-    cycle_nonfinite = False
+    cycle_nonfinite = cycle_data = False
 
     def export(path: Path, full_state: dict | None) -> None:  # the inference folder: a checkpoint's or the run's
         export_predictor(path, unwrapped, vae, prompt_embeds, args, recipe, full_state)
@@ -126,42 +201,29 @@ def train(args: argparse.Namespace, recipe: TaskRecipe, make_validation=None) ->
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for item in stop_on_bad_sample(epoch_loader):
             micro_step += 1
-            counters["bad_samples"] += len(item["bad"])
             for message in item["bad"]:
                 logger.warning("skipped bad sample: %s", message)
             batch = item["batch"]
-            generator = step_generator(args.seed, micro_step)
             with accelerator.accumulate(model):
-                if batch is not None:
-                    batch = batch_to(batch, accelerator.device)
-                    b = batch["rgb"].shape[0]
-                    # Each sample's randomness comes from (seed, step, its place in the global batch), never from the
-                    # rank: every process draws the global batch's values and keeps its own rows.
-                    rows = slice(accelerator.process_index * args.train_batch_size,
-                                 accelerator.process_index * args.train_batch_size + b)
-                    batch = random_hflip(batch, generator, args.hflip_prob, recipe.flip_target, global_size, rows)
-                    t = unwrapped.denoiser.sample_timesteps(global_size, args.num_timesteps, generator=generator)
-                    t = t[rows].to(accelerator.device)
-                    latent_shape = (global_size, args.num_timesteps, unwrapped.denoiser.latent_channels,
-                                    args.resolution // vae_scale_factor(vae), args.resolution // vae_scale_factor(vae))
-                    noise = torch.randn(latent_shape, generator=generator)[rows].to(accelerator.device)
-                    with step_autocast(accelerator, weight_dtype):
-                        out = d3_step(model, experts, vae, prompt_embeds, objective, batch, t, noise)
-                    if all_finite(accelerator, out.loss):  # every process agrees, so none waits in backward alone
-                        accelerator.backward(out.loss)
-                        counters["nonfinite_in_row"] = 0
-                    else:
-                        cycle_nonfinite = True
-                        counters["nonfinite"] += 1
-                        counters["nonfinite_in_row"] += 1
-                        logger.warning("non-finite loss at step %d (files: %s); update skipped",
-                                       global_step + 1, ", ".join(batch["path"]))
-                        if counters["nonfinite_in_row"] >= args.max_nonfinite:
-                            raise SystemExit(
-                                f"error: {counters['nonfinite_in_row']} non-finite losses in a row, last at step "
-                                f"{global_step + 1} on files: {', '.join(batch['path'])}")
+                out, decision = run_micro_batch(accelerator, model, unwrapped, (experts, vae, prompt_embeds), objective,
+                                                batch, len(item["bad"]), args, recipe,
+                                                step_generator(args.seed, micro_step), weight_dtype)
+                counters["bad_samples"] += decision.bad  # over all processes: every process holds the run's count
+                cycle_data |= decision.with_data > 0
+                if not decision.finite:  # skipped on every process (a stand-in's too: its zero would be NaN)
+                    cycle_nonfinite = True
+                    counters["nonfinite"] += 1
+                    counters["nonfinite_in_row"] += 1
+                    files = ", ".join(batch["path"]) if batch is not None else "none readable on this process"
+                    logger.warning("non-finite loss at step %d (files: %s); update skipped", global_step + 1, files)
+                    if counters["nonfinite_in_row"] >= args.max_nonfinite:
+                        raise SystemExit(
+                            f"error: {counters['nonfinite_in_row']} non-finite losses in a row, last at step "
+                            f"{global_step + 1} on files: {files}")
+                elif decision.with_data:
+                    counters["nonfinite_in_row"] = 0
                 if accelerator.sync_gradients:
-                    if cycle_nonfinite:
+                    if cycle_nonfinite or not cycle_data:  # nothing to learn from: no update, the schedule waits
                         optimizer.zero_grad(set_to_none=True)
                     else:
                         # all of the model's parameters: under FSDP accelerate clips only when given exactly those
@@ -171,13 +233,12 @@ def train(args: argparse.Namespace, recipe: TaskRecipe, make_validation=None) ->
                         optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
-            cycle_nonfinite = False
+            cycle_nonfinite = cycle_data = False
             global_step += 1
             progress.update(1)
-            if batch is not None:
-                logs = step_logs(accelerator, out, lr_scheduler.get_last_lr()[0],
-                                 unwrapped.student_timestep.detach().item(), counters,
-                                 sampler.running_shares(micro_step))
+            if decision.with_data:  # every process agrees on this, and step_logs is a collective
+                logs = step_logs(accelerator, out, batch is not None, decision.with_data, lr_scheduler.get_last_lr()[0],
+                                 counters, sampler.running_shares(micro_step))
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", t=f"{logs['student_timestep']:.1f}")
                 accelerator.log(logs, step=global_step)
                 history.append({"step": global_step, **logs})

@@ -74,8 +74,8 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
       help="start from the authors' released .pth (student, learned timestep and projection heads, strictly "
            "loaded) to continue their training; the base model still comes from --pretrained_model_name_or_path")
     a("--prompt", default=recipe.prompt, help="the fixed task prompt (appendix 6.2)")
-    a("--train_batch_size", type=int, default=4, help="images per device per micro-batch")
-    a("--gradient_accumulation_steps", type=int, default=8, help="micro-batches per optimizer update")
+    a("--train_batch_size", type=int, default=2, help="images per device per micro-batch")
+    a("--gradient_accumulation_steps", type=int, default=16, help="micro-batches per optimizer update")
     a("--max_train_steps", type=int, default=30000, help="optimizer updates (0: export the untrained model)")
     a("--learning_rate", type=float, default=3e-5, help="AdamW learning rate after the warm-up")
     a("--lr_scheduler", default="constant_with_warmup",
@@ -117,6 +117,11 @@ def build_parser(recipe: TaskRecipe, description: str | None = None) -> argparse
     a("--on_bad_sample", default="skip", choices=["skip", "error"],
       help="an unreadable sample is skipped and counted, or stops the run")
     a("--max_nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
+    # several processes (DDP, FSDP, DeepSpeed)
+    a("--ddp_timeout", type=int, default=7200, metavar="SECONDS",
+      help="how long a process waits in a collective (all-reduce, barrier) before the job fails; it must cover the "
+           "longest time one process works alone while the others wait: rank 0 gathering and writing an export "
+           "(FLUX.1-dev: ~48 GB), a first compilation. A real hang still ends the job after this long")
     # speed and memory (docs/performance.md); none of these changes the step's mathematics
     a("--gradient_checkpointing", action="store_true",
       help="recompute the student's, the projection heads' and the VAE decoder's activations in the backward "
@@ -223,11 +228,12 @@ def validate_args(args: argparse.Namespace, recipe: TaskRecipe) -> None:
     flags.at_least("--resolution", args.resolution, 8)
     flags.multiple_of("--resolution", args.resolution, 8)
     for flag in ("--train_batch_size", "--gradient_accumulation_steps", "--checkpointing_steps",
-                 "--max_train_samples", "--num_timesteps", "--max_nonfinite"):
+                 "--max_train_samples", "--num_timesteps", "--max_nonfinite", "--ddp_timeout"):
         flags.at_least(flag, getattr(args, flag[2:]), 1)
     # --max_train_steps 0 exports the untrained model (the quick start's baseline)
     for flag in ("--max_train_steps", "--checkpoints_total_limit", "--export_every", "--lr_warmup_steps",
-                 "--dataloader_num_workers", "--lora_rank", "--adam_weight_decay", "--lambda_task", "--lambda_align", *(f"--lambda_{term}" for term in recipe.loss_weights)):
+                 "--dataloader_num_workers", "--lora_rank", "--adam_weight_decay", "--lambda_task", "--lambda_align",
+                 *(f"--lambda_{term}" for term in recipe.loss_weights)):
         flags.at_least(flag, getattr(args, flag[2:]), 0)
     for flag in ("--learning_rate", "--adam_epsilon", "--max_grad_norm", "--lora_alpha"):
         flags.positive(flag, getattr(args, flag[2:]))
