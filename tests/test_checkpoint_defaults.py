@@ -19,6 +19,7 @@ from d3.training_checkpoints import checkpoint_exports
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
+@pytest.mark.quick
 def test_help_shows_the_checkpoint_defaults():
     text = " ".join(build_parser(train_depth.RECIPE).format_help().split())
     for flag in ("--checkpoints_total_limit", "--export_every"):
@@ -29,6 +30,7 @@ def test_help_shows_the_checkpoint_defaults():
     assert (args.checkpoints_total_limit, args.export_every) == (3, 3)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("every, expected", [(3, [3, 6]), (1, [1, 2, 3, 4, 5, 6]), (0, [])])
 def test_which_checkpoints_carry_the_inference_folder(every, expected):
     args = SimpleNamespace(checkpointing_steps=100, export_every=every, max_train_steps=700)

@@ -109,6 +109,7 @@ def lines_of(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if "missing" in line]
 
 
+@pytest.mark.quick
 def test_training_names_each_missing_source_and_its_command(tmp_path):
     """$D3_DATA_DIR is the data root; each source of the recipe that is not in it is one line with the folder and
     the command that writes it; nothing is trained, no output folder made."""
@@ -143,6 +144,7 @@ def test_accelerate_launch_ends_with_the_missing_lines_not_a_traceback(tmp_path)
     assert last.startswith("train_matting.py: missing data/p3m (") and "python -m d3.prepare p3m" in last
 
 
+@pytest.mark.quick
 def test_infer_and_evaluate_name_the_default_checkpoint_and_data(tmp_path):
     work = user_folder(tmp_path)
     Image.new("RGB", (8, 8)).save(work / "a.png")

@@ -59,6 +59,7 @@ def test_compiled_training_step_matches_eager_in_one_graph_per_module(tiny_backb
     assert worst < 1e-4, worst
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("limit_name", ["recompile_limit", "cache_size_limit"], ids=["torch>=2.7", "torch<2.7"])
 def test_compile_settings_raise_the_recompile_limit_on_old_and_new_torch(monkeypatch, limit_name):
     """torch < 2.7 has no `recompile_limit` (setting an unknown dynamo option raises there): its `cache_size_limit`

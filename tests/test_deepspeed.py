@@ -137,6 +137,7 @@ def train_args(**kw):
     return SimpleNamespace(**{"train_batch_size": 4, "gradient_accumulation_steps": 1, "max_grad_norm": 0.5, **kw})
 
 
+@pytest.mark.quick
 def test_deepspeed_config_gets_integers_and_keeps_the_model_fp32_under_bf16_autocast():
     from d3.training_setup import configure_deepspeed
 
@@ -152,6 +153,7 @@ def test_deepspeed_config_gets_integers_and_keeps_the_model_fp32_under_bf16_auto
     assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("change, flag", [
     (dict(accumulation=8), "--gradient_accumulation_steps 8"),
     (dict(precision="fp16"), "--mixed_precision fp16"),
@@ -173,6 +175,7 @@ def test_without_deepspeed_nothing_changes():
     configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), train_args(), torch.bfloat16)
 
 
+@pytest.mark.quick
 def test_on_cuda_the_engine_forward_keeps_the_bf16_autocast(monkeypatch):
     """DeepSpeed's engine forward turns an outer autocast off unless its config enables `torch_autocast`
     (`autocast_if_enabled`, DeepSpeed >= 0.17.2). It asks `torch.is_autocast_enabled()`, which reads CUDA's state

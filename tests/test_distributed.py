@@ -157,6 +157,7 @@ def test_fsdp_step_with_accumulation_logs_and_exports_like_one_process(tiny_flux
     assert predictor.config.student_timestep == config["student_timestep"]
 
 
+@pytest.mark.quick
 def test_fsdp_launches_accumulate_with_a_gradient_reduction_per_micro_batch(tmp_path, monkeypatch):
     assert launched_with_fsdp({"ACCELERATE_USE_FSDP": "true"}) and launched_with_fsdp({"ACCELERATE_USE_FSDP": "True"})
     assert not launched_with_fsdp({}) and not launched_with_fsdp({"ACCELERATE_USE_FSDP": "false"})
@@ -174,6 +175,7 @@ def test_fsdp_launches_accumulate_with_a_gradient_reduction_per_micro_batch(tmp_
         assert accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False) is fsdp
 
 
+@pytest.mark.quick
 def test_ddp_timeout_flag_defaults_to_two_hours():
     parser = build_parser(train_depth.RECIPE)
     assert parser.parse_args([]).ddp_timeout == 7200

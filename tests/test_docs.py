@@ -81,22 +81,26 @@ def broken_links(page: Path, root: Path = ROOT) -> list[str]:
     return problems
 
 
+@pytest.mark.quick
 def test_readme_is_a_front_page():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move reference text to docs/"
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("page", PAGES)
 def test_relative_links_resolve(page):
     assert broken_links(ROOT / page) == []
 
 
+@pytest.mark.quick
 def test_front_page_links_every_reference_page():
     linked = {(ROOT / t.partition("#")[0]).resolve() for _, t in relative_links(ROOT / "README.md")}
     missing = [name for name in REFERENCE if (ROOT / "docs" / f"{name}.md").resolve() not in linked]
     assert missing == [], f"README.md links no docs/<name>.md for {missing}"
 
 
+@pytest.mark.quick
 def test_link_checker_sees_what_it_must(tmp_path):
     """The checker itself, on a page with one good and three bad links, and links in code that must be skipped."""
     tmp_path = tmp_path.resolve()

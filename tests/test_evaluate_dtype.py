@@ -49,6 +49,7 @@ def test_saved_predictions_record_no_dtype(scannet, tiny_depth_checkpoint, tmp_p
     assert scored["dtype"] is None and scored["device"] is None  # made elsewhere: unknown
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("extra, words", [(["--predictions", "PRED", "--dtype", "bf16"], "--dtype needs --checkpoint"),
                                           (["--checkpoint", "CKPT", "--dtype", "fp8"], "--dtype")])
 def test_a_bad_dtype_stops_before_anything_loads(tmp_path, extra, words):

@@ -59,6 +59,7 @@ def fake_cuda(monkeypatch):
     return set_calls
 
 
+@pytest.mark.quick
 def test_copies_back_from_cuda_k_are_awaited_on_cuda_k_stream(monkeypatch, fake_cuda):
     # A CPU build cannot pin memory or hold CUDA tensors: pinned buffers are plain ones and ".to(cuda:K)" stays put.
     real_empty, real_to = torch.empty, torch.Tensor.to
@@ -86,6 +87,7 @@ def test_copies_back_from_cuda_k_are_awaited_on_cuda_k_stream(monkeypatch, fake_
     np.testing.assert_array_equal(arrays[1], np.full((3, 4, 4), 3.0, np.float32))
 
 
+@pytest.mark.quick
 def test_use_device_makes_an_indexed_cuda_device_current(fake_cuda):
     use_device("cuda:1")
     use_device(torch.device("cuda:1"))
@@ -149,6 +151,7 @@ class FloatOnDevice(TorchFunctionMode):
         return out
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("diffusers_model", [False, True])
 def test_cast_module_never_holds_fp32_weights_on_the_target_device(diffusers_model):
     # "meta" stands in for the GPU: what a cast-after-move would put there transiently is recorded all the same.

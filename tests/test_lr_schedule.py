@@ -32,6 +32,7 @@ CASES = [(DistributedType.NO, 1), (DistributedType.MULTI_CPU, 2), (DistributedTy
          (DistributedType.FSDP, 8), (DistributedType.DEEPSPEED, 8), (DistributedType.DEEPSPEED, 1)]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("distributed_type, num_processes", CASES, ids=lambda v: str(v).split(".")[-1])
 def test_lr_after_each_update_is_the_one_process_schedule(distributed_type, num_processes, monkeypatch):
     import accelerate.scheduler
@@ -54,12 +55,14 @@ def test_lr_after_each_update_is_the_one_process_schedule(distributed_type, num_
     assert seen == pytest.approx([plain_linear(k) for k in range(1, TOTAL + 1)], rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.quick
 def test_split_batches_step_once_per_update():
     accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=8, split_batches=True,
                                   step_scheduler_with_optimizer=True)
     assert scheduler_steps_per_update(accelerator) == 1
 
 
+@pytest.mark.quick
 def test_deepspeed_engine_never_steps_the_schedule_d3_builds():
     """The premise of the DeepSpeed rows above: accelerate passes a scheduler to `deepspeed.initialize` (whose engine
     would step it once per update) only when its class is one of DeepSpeed's; otherwise it wraps it in

@@ -175,6 +175,7 @@ def test_a_resumed_run_keeps_a_better_best(validated_run, tiny_backbone_dir, sce
     assert sorted(logged(out)) == [0, 2, 4, 6]  # validated again from the resume point on, not at a resumed step 2
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("spec, message", [
     ("nyu_depth={held}", "unknown benchmark 'nyu_depth'"),
     ("synthetic={held}/missing", "no such file or folder"),
@@ -190,6 +191,7 @@ def test_a_validation_set_that_does_not_exist_is_a_flag_error(held_out, tmp_path
     assert message in str(info.value)
 
 
+@pytest.mark.quick
 def test_other_validation_flags_are_checked(held_out, tmp_path):
     base = ["--dataset", str(held_out), "--output_dir", str(tmp_path / "o"), "--pretrained_model_name_or_path",
             str(held_out)]
@@ -278,3 +280,31 @@ def test_two_processes_log_what_one_does(tiny_backbone_dir, scenes, held_out, tm
         assert abs(two[metric] - one[metric]) <= REL * abs(one[metric]), metric
         ours = runs[2][4]["values"]["synthetic"][metric]
         assert abs(ours - reference[metric]) <= REL * abs(reference[metric]), metric
+
+
+@pytest.mark.quick
+def test_the_picture_shows_a_perfect_prediction_as_a_black_error_map(held_out):
+    """One row per pictured sample, input | prediction | ground truth | error; the error panel of a prediction equal
+    to the ground truth is black (inferno's zero), that of the ground truth turned upside down is not (the perturbation)."""
+    from d3.data.benchmarks import get_benchmark
+    from d3.validation_pictures import ROW_HEIGHT, picture_of_set
+
+    bench = get_benchmark("synthetic", held_out)
+
+    class Replay:  # predicts, sample by sample in the set's order, the ground truth (or a transform of it)
+        def __init__(self, transform):
+            self.index, self.transform = 0, transform
+
+        def predict(self, images, batch_size=1):
+            gt = bench[self.index].gt.astype(np.float32)
+            self.index += 1
+            return [self.transform(gt)]
+
+    perfect = picture_of_set(Replay(lambda gt: gt), bench, 2)
+    flipped = picture_of_set(Replay(lambda gt: gt[::-1].copy()), bench, 2)
+    assert perfect.shape[0] == 2 * ROW_HEIGHT and perfect.dtype == np.uint8 and perfect.shape[2] == 3
+    panel = perfect.shape[1] // 4  # the held-out scenes share one size: four panels of equal width per row
+    black = 4  # inferno's colour for an error of 0 is (0, 0, 4); invalid pixels are (0, 0, 0)
+    assert perfect[:, 3 * panel:].max() <= black and perfect[:, :3 * panel].max() > 100
+    assert flipped[:, 3 * panel:].max() > 100
+    assert np.array_equal(perfect[:, :panel], flipped[:, :panel])  # the input panel does not depend on the prediction
