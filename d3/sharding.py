@@ -27,6 +27,26 @@ T = TypeVar("T")
 GATHER_TIMEOUT = timedelta(hours=12)
 
 
+_side_groups: dict[int, Any] = {}  # id of the default process group -> its gloo side group (see `_gloo_side_group`)
+
+
+def _gloo_side_group():
+    """A gloo group over every process of the open default group, for pickled objects on the CPU: None when the
+    default group is gloo itself. Made once per default group and reused: a long run calls `Shard.collect` at every
+    validation, and each new group holds a socket per peer until the process ends."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    key = id(world)
+    cached = _side_groups.get(key)
+    if cached is None or cached[0] is not world:
+        _side_groups.clear()  # a group of an earlier default group (destroyed since) is of no use
+        cached = _side_groups[key] = (world, dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT))
+    return cached[1]
+
+
 @dataclass(frozen=True)
 class Shard:
     rank: int = 0
@@ -83,7 +103,7 @@ class Shard:
         if opened:
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=GATHER_TIMEOUT)
         try:
-            group = None if opened else dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)
+            group = None if opened else _gloo_side_group()
             everyone: list = [None] * self.world_size
             dist.all_gather_object(everyone, tuple(counts), group=group)
             everyone = [tuple(c) for c in everyone]
@@ -118,7 +138,7 @@ class Shard:
         import torch.distributed as dist
 
         with self.connected():
-            group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)
+            group = _gloo_side_group()
             everyone: list[Any] | None = [None] * self.world_size if self.is_main else None
             dist.gather_object(record, everyone, dst=0, group=group)
             error: BaseException | None = None

@@ -106,3 +106,31 @@ def test_rank_and_world_size_without_a_launcher_split_and_report_per_process(tmp
                                                              "failed -> ")
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*_depth.npy"))
     assert written == [str(Path(ordered[1]).with_suffix("")) + "_depth.npy"]
+
+
+@pytest.mark.quick
+def test_collect_under_nccl_reuses_one_gloo_side_group(monkeypatch):
+    """Under NCCL, `Shard.collect` gathers pickled records over a gloo side group. A run that validates every few
+    hundred steps calls it hundreds of times: one group must serve them all (each new group keeps a socket per peer
+    open until the process ends). A 1-process gloo group stands in, with its backend reported as NCCL."""
+    import socket
+
+    import torch.distributed as dist
+
+    from d3 import sharding
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        made = []
+        real_new_group = dist.new_group
+        monkeypatch.setattr(dist, "new_group", lambda *a, **k: made.append(1) or real_new_group(*a, **k))
+        monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+        shard = Shard(0, 1, 0)
+        assert [shard.collect(i, lambda records: sum(records) + 1) for i in range(5)] == [1, 2, 3, 4, 5]
+        assert len(made) == 1
+    finally:
+        dist.destroy_process_group()
+        sharding._side_groups.clear()
