@@ -167,3 +167,35 @@ def test_cast_module_never_holds_fp32_weights_on_the_target_device(diffusers_mod
     assert {p.device for p in moved.parameters()} == {torch.device("meta")}
     assert seen.dtypes and torch.float32 not in seen.dtypes
 
+
+
+@pytest.mark.quick
+def test_the_teacher_is_made_in_its_precision_without_a_second_fp32_copy(tiny_backbone_dir, monkeypatch):
+    """Full fine-tuning: the student is the loaded fp32 model, the frozen teacher an independent copy in the step's
+    precision. The copy is made tensor by tensor in bf16, never as a deepcopy of the fp32 model (FLUX.1-dev: 48 GB
+    more host memory per process at start-up): no fp32 parameter is deep-copied while the two are built."""
+    from types import SimpleNamespace
+
+    from d3.backbone import load_backbone
+    from d3.training_setup import build_student_and_teacher
+
+    backbone = load_backbone(tiny_backbone_dir, with_text_encoder=False)
+    originals = {name: p.detach().clone() for name, p in backbone.unet.named_parameters()}
+    copied = []
+    real_deepcopy = torch.nn.Parameter.__deepcopy__
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__",
+                        lambda self, memo: copied.append(self.dtype) or real_deepcopy(self, memo))
+    student, teacher = build_student_and_teacher(SimpleNamespace(lora_rank=0), backbone, torch.device("cpu"),
+                                                 torch.bfloat16)
+    assert torch.float32 not in copied
+    assert {p.dtype for p in student.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    assert all(p.requires_grad for p in student.model.parameters())
+    assert not any(p.requires_grad for p in teacher.model.parameters()) and not teacher.model.training
+    for name, p in teacher.model.named_parameters():
+        assert torch.equal(p, originals[name].bfloat16()), name
+    for name, p in student.model.named_parameters():
+        assert torch.equal(p, originals[name]), name
+    with torch.no_grad():  # independent: training the student leaves the teacher as it was
+        next(student.model.parameters()).add_(1.0)
+    assert torch.equal(next(teacher.model.parameters()), next(iter(originals.values())).bfloat16())
