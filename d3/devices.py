@@ -70,7 +70,8 @@ def cast_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype)
     FLUX.1-dev's transformer, in every process of a multi-GPU run."""
 
     def converted(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        # copy=True: in the same dtype on the same device `.to` would return the tensor itself, shared with the original
+        return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
 
     memo: dict[int, torch.Tensor] = {}
     for p in module.parameters():

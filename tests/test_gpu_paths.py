@@ -170,7 +170,8 @@ def test_cast_module_never_holds_fp32_weights_on_the_target_device(diffusers_mod
 
 
 @pytest.mark.quick
-def test_the_teacher_is_made_in_its_precision_without_a_second_fp32_copy(tiny_backbone_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_teacher_is_made_in_its_precision_without_a_second_fp32_copy(tiny_backbone_dir, monkeypatch, dtype):
     """Full fine-tuning: the student is the loaded fp32 model, the frozen teacher an independent copy in the step's
     precision. The copy is made tensor by tensor in bf16, never as a deepcopy of the fp32 model (FLUX.1-dev: 48 GB
     more host memory per process at start-up): no fp32 parameter is deep-copied while the two are built."""
@@ -185,17 +186,18 @@ def test_the_teacher_is_made_in_its_precision_without_a_second_fp32_copy(tiny_ba
     real_deepcopy = torch.nn.Parameter.__deepcopy__
     monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__",
                         lambda self, memo: copied.append(self.dtype) or real_deepcopy(self, memo))
-    student, teacher = build_student_and_teacher(SimpleNamespace(lora_rank=0), backbone, torch.device("cpu"),
-                                                 torch.bfloat16)
+    student, teacher = build_student_and_teacher(SimpleNamespace(lora_rank=0), backbone, torch.device("cpu"), dtype)
     assert torch.float32 not in copied
     assert {p.dtype for p in student.model.parameters()} == {torch.float32}
-    assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in teacher.model.parameters()} == {dtype}
     assert all(p.requires_grad for p in student.model.parameters())
     assert not any(p.requires_grad for p in teacher.model.parameters()) and not teacher.model.training
     for name, p in teacher.model.named_parameters():
-        assert torch.equal(p, originals[name].bfloat16()), name
+        assert torch.equal(p, originals[name].to(dtype)), name
     for name, p in student.model.named_parameters():
         assert torch.equal(p, originals[name]), name
-    with torch.no_grad():  # independent: training the student leaves the teacher as it was
-        next(student.model.parameters()).add_(1.0)
-    assert torch.equal(next(teacher.model.parameters()), next(iter(originals.values())).bfloat16())
+    with torch.no_grad():  # independent (fp32 too, where no cast is needed): training the student leaves the teacher
+        for p in student.model.parameters():
+            p.add_(1.0)
+    for name, p in teacher.model.named_parameters():
+        assert torch.equal(p, originals[name].to(dtype)), name

@@ -60,7 +60,8 @@ def _localise(argv: list[str], tmp: Path) -> list[str]:
     for i, arg in enumerate(argv):
         if i and argv[i - 1] in TEST_STEPS and arg != "0":  # 0 training steps: the untrained model, kept
             arg = TEST_STEPS[argv[i - 1]]
-        out.append(re.sub(r"^/tmp/(d3-[\w-]+)", lambda m: str(tmp / m[1]), arg))
+        # a path as the whole argument, or as a flag's value after "=" (--validation_dataset synthetic=/tmp/d3-...)
+        out.append(re.sub(r"(^|=)/tmp/(d3-[\w-]+)", lambda m: m[1] + str(tmp / m[2]), arg))
     return out
 
 
