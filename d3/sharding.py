@@ -27,7 +27,7 @@ T = TypeVar("T")
 GATHER_TIMEOUT = timedelta(hours=12)
 
 
-_side_groups: dict[int, Any] = {}  # id of the default process group -> its gloo side group (see `_gloo_side_group`)
+_side_group: list = [None, None]  # [the default group it was made for, its gloo side group] (`_gloo_side_group`)
 
 
 def _gloo_side_group():
@@ -38,13 +38,9 @@ def _gloo_side_group():
 
     if dist.get_backend() == "gloo":
         return None
-    world = dist.group.WORLD
-    key = id(world)
-    cached = _side_groups.get(key)
-    if cached is None or cached[0] is not world:
-        _side_groups.clear()  # a group of an earlier default group (destroyed since) is of no use
-        cached = _side_groups[key] = (world, dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT))
-    return cached[1]
+    if _side_group[0] is not dist.group.WORLD:  # none yet, or made for a default group destroyed since
+        _side_group[:] = [dist.group.WORLD, dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)]
+    return _side_group[1]
 
 
 @dataclass(frozen=True)

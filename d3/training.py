@@ -57,7 +57,7 @@ def agree(accelerator, loss: torch.Tensor | None, has_data: bool, bad: int) -> A
     local = torch.cat([torch.isfinite(loss.detach()).float().reshape(1),
                        torch.tensor([float(has_data), float(bad)], device=loss.device)])
     if accelerator.num_processes > 1:
-        local = accelerator.gather(local).reshape(-1, 3)
+        local = accelerator.gather(local)
     finite, with_data, bad_total = local.reshape(-1, 3).T.tolist()
     return Agreement(min(finite) > 0, int(sum(with_data)), int(sum(bad_total)))
 
